@@ -1,0 +1,320 @@
+"""The typed configuration tree that Hydra composes into, with validation.
+
+Every field has a comment saying what it means. Checks raise `ConfigError` naming the key and what is
+allowed; `train.py` turns that into one line on stderr and exit code 2. Nothing here imports hydra.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake: the message names the key and what is allowed."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 makes every layer a dense FFN."""
+    top_k: int = 2
+    """Experts each token is routed to."""
+    num_shared_experts: int = 0
+    """Experts every token passes through (DeepSeekMoE), each of size `expert_hidden_dim`."""
+    expert_hidden_dim: int | None = None
+    """Hidden size of one expert's SwiGLU; None uses model.ffn_hidden_dim. Smaller = fine-grained."""
+    first_k_dense: int = 0
+    """The first k layers keep a dense FFN (DeepSeekMoE uses 1)."""
+    every_n_layers: int = 1
+    """Layer i (i >= first_k_dense) is MoE when i % every_n_layers == 0 (Switch/GShard use 2)."""
+    renormalize: bool = True
+    """Rescale the top-k router probabilities to sum to 1 (Mixtral: yes, DeepSeekMoE: no)."""
+    aux_loss_coef: float = 0.01
+    """Weight of the Switch/GShard load-balancing loss (mean over MoE layers; 1.0 when balanced)."""
+    z_loss_coef: float = 0.001
+    """Weight of the ST-MoE router z-loss (mean over MoE layers)."""
+    capacity_factor: float | None = None
+    """None = dropless. Otherwise each expert takes at most ceil(capacity_factor * tokens * top_k /
+    num_experts) tokens per micro-batch and rank; the rest of its assignments are dropped."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 0, f"model.moe.num_experts={self.num_experts} must be >= 0")
+        if self.num_experts == 0:
+            _check(
+                self.num_shared_experts == 0,
+                "model.moe.num_shared_experts needs routed experts (model.moe.num_experts > 0)",
+            )
+            return
+        _check(
+            1 <= self.top_k <= self.num_experts,
+            f"model.moe.top_k={self.top_k} must be between 1 and "
+            f"model.moe.num_experts={self.num_experts}",
+        )
+        _check(
+            self.num_shared_experts >= 0,
+            f"model.moe.num_shared_experts={self.num_shared_experts} must be >= 0",
+        )
+        _check(
+            self.expert_hidden_dim is None or self.expert_hidden_dim > 0,
+            f"model.moe.expert_hidden_dim={self.expert_hidden_dim} must be > 0",
+        )
+        _check(self.first_k_dense >= 0, f"model.moe.first_k_dense={self.first_k_dense} must be >= 0")
+        _check(
+            self.every_n_layers >= 1, f"model.moe.every_n_layers={self.every_n_layers} must be >= 1"
+        )
+        _check(self.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={self.aux_loss_coef} must be >= 0")
+        _check(self.z_loss_coef >= 0, f"model.moe.z_loss_coef={self.z_loss_coef} must be >= 0")
+        _check(
+            self.capacity_factor is None or self.capacity_factor > 0,
+            f"model.moe.capacity_factor={self.capacity_factor} must be > 0 (or null for dropless)",
+        )
+
+
+@dataclass
+class ModelConfig:
+    name: str = "model"
+    """Preset name; names the run directory by default."""
+    vocab_size: int = 256
+    """Vocabulary size (256 for the byte-level tokenizer)."""
+    dim: int = 256
+    """Residual stream width."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 8
+    """Query heads; head size is dim / num_heads."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None = num_heads (multi-head attention)."""
+    ffn_hidden_dim: int = 1024
+    """Hidden size of the dense SwiGLU FFN (and of each expert unless moe.expert_hidden_dim is set)."""
+    max_seq_len: int = 2048
+    """Longest sequence the rotary tables are built for."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections are scaled by 1/sqrt(2 * num_layers)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-Experts settings."""
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        for key in ("vocab_size", "dim", "num_layers", "num_heads", "ffn_hidden_dim", "max_seq_len"):
+            value = getattr(self, key)
+            _check(value > 0, f"model.{key}={value} must be > 0")
+        _check(
+            self.dim % self.num_heads == 0,
+            f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}",
+        )
+        _check(
+            self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+            f"model.num_heads={self.num_heads} must be divisible by "
+            f"model.num_kv_heads={self.num_kv_heads}",
+        )
+        _check(
+            self.head_dim % 2 == 0,
+            f"model.dim / model.num_heads = {self.head_dim} must be even for rotary embeddings",
+        )
+        _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
+        _check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
+        if self.moe.num_experts:
+            _check(
+                self.moe.first_k_dense < self.num_layers,
+                f"model.moe.first_k_dense={self.moe.first_k_dense} leaves no MoE layer in "
+                f"model.num_layers={self.num_layers}",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        return self.moe.expert_hidden_dim or self.ffn_hidden_dim
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        moe = self.moe
+        return moe.num_experts > 0 and layer_id >= moe.first_k_dense and layer_id % moe.every_n_layers == 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"
+    """Corpus: `stdlib` is the Python standard library's sources, present wherever Python is."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    val_fraction: float = 0.02
+    """Share of the corpus's files held out for validation (chosen by a hash of the path)."""
+
+    def __post_init__(self) -> None:
+        _one_of("data.name", self.name, ("stdlib",))
+        _check(self.seq_len > 0, f"data.seq_len={self.seq_len} must be > 0")
+        _check(
+            0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1)"
+        )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio at trainer.max_steps."""
+    warmup_steps: int = 20
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms, biases or embeddings."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be a positive number")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _check(0 <= self.beta1 < 1, f"optim.beta1={self.beta1} must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, f"optim.beta2={self.beta2} must be in [0, 1)")
+        _check(self.eps > 0, f"optim.eps={self.eps} must be > 0")
+        _check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    """Optimizer steps of the whole run; the LR schedule follows it."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all ranks."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
+    seed: int = 1234
+    """Seeds the initialisation, the data order and the sampling."""
+    out_dir: str = "runs/default"
+    """The run directory: metrics.jsonl, checkpoints/, wandb/, .hydra/."""
+    resume: str = "auto"
+    """`auto`: newest complete checkpoint in out_dir if any; `none`: start fresh (refuses to
+    overwrite a run that has checkpoints); or a path to a checkpoint directory."""
+    device: str = "auto"
+    """`auto` (cuda if available, else cpu), `cpu` or `cuda`."""
+    precision: str = "auto"
+    """`auto` (bf16 autocast on GPU, fp32 on CPU), `fp32` or `bf16`."""
+    compile: bool = False
+    """torch.compile the model."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+    eval_every: int = 100
+    """Validation loss every N optimizer steps (and at the end); 0 disables."""
+    eval_batches: int = 8
+    """Global batches of the validation split per evaluation (the same sequences at any layout)."""
+    ckpt_every: int = 100
+    """Checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept in out_dir/checkpoints; older ones are deleted."""
+    exit_after_steps: int | None = None
+    """Stop after this many steps in this invocation, with a checkpoint (the schedule still follows
+    max_steps); for schedulers' time slots."""
+    exit_after_minutes: float | None = None
+    """Stop after this many minutes of training in this invocation, with a checkpoint."""
+    log_every: int = 1
+    """Write metrics every N optimizer steps."""
+    num_samples: int = 3
+    """Samples generated and printed at the end of training."""
+    sample_tokens: int = 200
+    """Tokens per generated sample."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "global_batch_size", "micro_batch_size", "eval_batches", "log_every"):
+            value = getattr(self, key)
+            _check(value > 0, f"trainer.{key}={value} must be > 0")
+        for key in ("eval_every", "ckpt_every", "num_samples", "sample_tokens"):
+            value = getattr(self, key)
+            _check(value >= 0, f"trainer.{key}={value} must be >= 0")
+        _check(self.keep_last >= 1, f"trainer.keep_last={self.keep_last} must be >= 1")
+        _check(
+            self.global_batch_size % self.micro_batch_size == 0,
+            f"trainer.global_batch_size={self.global_batch_size} must be divisible by "
+            f"trainer.micro_batch_size={self.micro_batch_size}",
+        )
+        _check(bool(self.resume), "trainer.resume must be `auto`, `none` or a checkpoint path")
+        _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check(
+            self.exit_after_steps is None or self.exit_after_steps > 0,
+            f"trainer.exit_after_steps={self.exit_after_steps} must be > 0",
+        )
+        _check(
+            self.exit_after_minutes is None or self.exit_after_minutes > 0,
+            f"trainer.exit_after_minutes={self.exit_after_minutes} must be > 0",
+        )
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1
+    """Expert-parallel degree: each MoE layer's experts are split over this many ranks."""
+    timeout_minutes: float = 5.0
+    """A collective that waits longer than this fails with an error naming it (no silent hang)."""
+
+    def __post_init__(self) -> None:
+        _check(self.ep >= 1, f"parallel.ep={self.ep} must be >= 1")
+        _check(self.timeout_minutes > 0, f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """`disabled`, `offline` (written under out_dir/wandb, synced later) or `online`."""
+    project: str = "moe_train"
+    entity: str | None = None
+    name: str | None = None
+    """Run name; None uses the run directory's name."""
+
+    def __post_init__(self) -> None:
+        _one_of("logging.wandb.mode", self.mode, ("disabled", "offline", "online"))
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress_bar: bool = True
+    """A tqdm bar with loss and tokens/s on rank 0."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.data.seq_len <= self.model.max_seq_len,
+            f"data.seq_len={self.data.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}",
+        )
+        moe = self.model.moe
+        if moe.num_experts:
+            _check(
+                moe.num_experts % self.parallel.ep == 0,
+                f"model.moe.num_experts={moe.num_experts} must be divisible by "
+                f"parallel.ep={self.parallel.ep}",
+            )
+        else:
+            _check(self.parallel.ep == 1, f"parallel.ep={self.parallel.ep} needs an MoE model (ep=1)")

@@ -1,0 +1,161 @@
+"""Decoder-only transformer of the LLaMA/Mixtral family, dense or MoE per layer; parameter and FLOP counts.
+
+Shape legend: B batch, T sequence, D model dim, V vocabulary, L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moe_train.config import ModelConfig
+from moe_train.model.layers import Attention, FeedForward, rotary_tables
+from moe_train.model.moe import MoE, MoEStats
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attention = Attention(config.dim, config.num_heads, config.num_kv_heads)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        moe = config.moe
+        self.ffn: FeedForward | MoE
+        if config.is_moe_layer(layer_id):
+            self.ffn = MoE(
+                config.dim,
+                config.expert_hidden_dim,
+                moe.num_experts,
+                moe.top_k,
+                moe.num_shared_experts,
+                moe.renormalize,
+                moe.capacity_factor,
+            )
+        else:
+            self.ffn = FeedForward(config.dim, config.ffn_hidden_dim)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        if self.is_moe:
+            out, stats = self.ffn(self.ffn_norm(x))
+            return x + out, stats
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    aux_loss: torch.Tensor  # scalar, mean over MoE layers (0 for a dense model)
+    z_loss: torch.Tensor  # scalar, mean over MoE layers
+    tokens_per_expert: torch.Tensor | None  # (L, E) routed assignments per MoE layer, detached
+    dropped: torch.Tensor | None  # (L,) assignments dropped by capacity limits per MoE layer
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        self.init_weights()
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i, block in enumerate(self.layers) if block.is_moe]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, std) everywhere; residual output projections scaled by 1/sqrt(2 * layers)."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:  # norm weights
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+        cos, sin = rotary_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+        """tokens (B, T) int64 -> ModelOutput."""
+        T = tokens.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, Dh)
+        x = self.tok_embeddings(tokens)  # (B, T, D)
+        all_stats: list[MoEStats] = []
+        for block in self.layers:
+            if self.activation_checkpointing and self.training:
+                x, stats = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, stats = block(x, cos, sin)
+            if stats is not None:
+                all_stats.append(stats)
+        logits = self.output(self.norm(x))  # (B, T, V)
+        if not all_stats:
+            zero = logits.new_zeros((), dtype=torch.float32)
+            return ModelOutput(logits, zero, zero, None, None)
+        return ModelOutput(
+            logits,
+            aux_loss=torch.stack([s.aux_loss for s in all_stats]).mean(),
+            z_loss=torch.stack([s.z_loss for s in all_stats]).mean(),
+            tokens_per_expert=torch.stack([s.tokens_per_expert for s in all_stats]),
+            dropped=torch.tensor([s.dropped for s in all_stats], dtype=torch.float32),
+        )
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats, computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@dataclass
+class ModelSize:
+    total_params: int
+    active_params: int  # parameters one token passes through (embeddings included)
+    active_matmul_params: int  # active parameters used in matrix products (no embedding lookup, norms)
+    flops_per_token: int  # training FLOPs per token: 6 * active_matmul_params + attention
+
+
+def model_size(model: Transformer, seq_len: int) -> ModelSize:
+    """Counts on any device, the meta device included.
+
+    FLOPs follow the PaLM convention (Chowdhery et al. 2022, app. B): 6 per matmul parameter per
+    token for forward and backward, plus 12 * layers * dim_attention * seq_len for attention scores
+    and values (no discount for the causal mask).
+    """
+    config = model.config
+    total = active = 0
+    for name, p in model.named_parameters():  # tied weights are yielded once
+        n = p.numel()
+        total += n
+        if ".experts." in name:
+            n = n * config.moe.top_k // config.moe.num_experts
+        active += n
+    matmul = active - sum(
+        p.numel() for name, p in model.named_parameters() if p.ndim == 1 or "tok_embeddings" in name
+    )
+    if config.tie_embeddings:  # the shared matrix is the output projection's matmul
+        matmul += model.output.weight.numel()
+    attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    return ModelSize(total, active, matmul, 6 * matmul + attention)

@@ -1,0 +1,155 @@
+"""Expert parallelism, applied to a finished model from outside: shard experts, install all-to-all.
+
+Each MoE layer's stacked expert weights (E, ...) are cut on dim 0 into `ep` shards; rank i of an
+expert-parallel group keeps experts [i * E/ep, (i + 1) * E/ep). Its dispatcher then
+1. routes and sorts the local tokens by global expert id, which also groups them by owner rank,
+2. exchanges per-expert token counts (all_to_all_single, equal splits),
+3. sends each token to its expert's rank (all_to_all_single, uneven splits),
+4. regroups what it received by local expert, so every local expert has one contiguous slice,
+and `combine` undoes 4, 3 and 1 in reverse order. Backward runs the same exchanges reversed.
+
+Shape legend: N local tokens, D dim, E experts, El = E / ep local experts, R rows received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from moe_train.model.moe import DispatchState, LocalDispatcher, MoE, Routing
+from moe_train.parallel.topology import Topology
+
+
+def _all_to_all(
+    x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, what: str
+) -> torch.Tensor:
+    out = x.new_empty((sum(output_splits), *x.shape[1:]))
+    try:
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    except RuntimeError as e:  # a peer died or timed out: say which collective it was
+        raise RuntimeError(
+            f"expert-parallel all_to_all_single ({what}) failed on rank {dist.get_rank()}: {e}"
+        ) from e
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; its backward is the same exchange reversed."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group, what):
+        ctx.splits = (output_splits, input_splits)
+        ctx.group, ctx.what = group, what
+        return _all_to_all(x, output_splits, input_splits, group, what)
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        grad_x = _all_to_all(grad, input_splits, output_splits, ctx.group, ctx.what + " backward")
+        return grad_x, None, None, None, None
+
+
+@dataclass
+class ExpertParallelState:
+    local: DispatchState  # undoes the sort by global expert
+    regroup: torch.Tensor  # (R,) received row of each row in local-expert order
+    send_splits: list[int]  # rows sent to each rank of the group
+    recv_splits: list[int]  # rows received from each rank of the group
+
+    @property
+    def num_dropped(self) -> int:
+        return self.local.num_dropped
+
+
+class AllToAllDispatcher(LocalDispatcher):
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        capacity_factor: float | None,
+        group: dist.ProcessGroup,
+        ep: int,
+    ):
+        super().__init__(num_experts, top_k, capacity_factor)
+        self.group = group
+        self.ep = ep
+        self.num_local_experts = num_experts // ep
+
+    def dispatch(
+        self, x: torch.Tensor, routing: Routing
+    ) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelState]:
+        ep, El = self.ep, self.num_local_experts
+        x_sorted, tokens_per_expert, local_state = self.permute(x, routing)  # (S, D), (E,)
+        # recv_counts[src, e]: rows rank `src` sends to this rank's local expert e
+        recv_counts = _all_to_all(tokens_per_expert, [El] * ep, [El] * ep, self.group, "token counts")
+        recv_counts = recv_counts.view(ep, El)
+        send_splits = tokens_per_expert.view(ep, El).sum(dim=1).tolist()
+        recv_splits = recv_counts.sum(dim=1).tolist()
+        x_recv = _AllToAll.apply(x_sorted, recv_splits, send_splits, self.group, "tokens")  # (R, D)
+        # received rows are ordered (source rank, local expert); experts need (local expert, source)
+        local_expert = torch.arange(El, device=x.device).repeat(ep)  # (ep * El,)
+        row_expert = local_expert.repeat_interleave(recv_counts.flatten())  # (R,)
+        regroup = row_expert.argsort(stable=True)
+        state = ExpertParallelState(local_state, regroup, send_splits, recv_splits)
+        return x_recv[regroup], recv_counts.sum(dim=0), state
+
+    def combine(self, y: torch.Tensor, state: ExpertParallelState) -> torch.Tensor:
+        y_recv = torch.zeros_like(y).index_copy(0, state.regroup, y)  # back to (source, expert) order
+        y_sorted = _AllToAll.apply(
+            y_recv, state.send_splits, state.recv_splits, self.group, "expert outputs"
+        )
+        return self.unpermute(y_sorted, state.local)
+
+
+def apply_expert_parallel(model: nn.Module, topology: Topology) -> None:
+    """Keep this rank's expert shard of every MoE layer and install the all-to-all dispatcher.
+
+    The model must be built identically on every rank first (same seed), so the shards together
+    are exactly the single-process model. With ep=1 nothing changes: the local dispatcher stays.
+    """
+    ep = topology.ep
+    if ep == 1:
+        return
+    start = topology.ep_rank
+    for module in model.modules():
+        if not isinstance(module, MoE):
+            continue
+        El = module.num_experts // ep
+        experts = module.experts
+        for name in ("w1", "w2", "w3"):
+            full = getattr(experts, name)
+            shard = full.detach()[start * El : (start + 1) * El].clone()
+            setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
+        old = module.dispatcher
+        module.dispatcher = AllToAllDispatcher(
+            old.num_experts, old.top_k, old.capacity_factor, topology.ep_group, ep
+        )
+
+
+def _is_expert_key(key: str) -> bool:
+    return ".experts." in key
+
+
+def expert_shards_to_dtensors(state, topology: Topology, inverse: bool = False, _expert=False):
+    """Present local expert shards as DTensors sharded on dim 0 over the `ep` mesh axis, so DCP
+    stores global tensors and can reload them at any ep (inverse=True unwraps them again).
+
+    Walks nested dicts; applies to the (E/ep, ...) tensors under keys naming experts, in the model
+    state dict and in the optimizer state (exp_avg, exp_avg_sq). A no-op when ep == 1.
+    """
+    if topology.ep == 1:
+        return state
+    if isinstance(state, dict):
+        return {
+            k: expert_shards_to_dtensors(v, topology, inverse, _expert or _is_expert_key(str(k)))
+            for k, v in state.items()
+        }
+    if inverse and isinstance(state, DTensor):
+        return state.to_local()
+    if not inverse and _expert and isinstance(state, torch.Tensor) and state.ndim == 3:
+        return DTensor.from_local(state, topology.mesh, [Replicate(), Shard(0)], run_check=False)
+    return state

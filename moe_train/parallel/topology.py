@@ -1,0 +1,113 @@
+"""The one object that owns the process layout: world = edp x ep, as a 2-D DeviceMesh.
+
+Mesh axes: `ep` splits each MoE layer's experts (ranks i*ep .. i*ep+ep-1 form one expert-parallel
+group, so they sit on one node when ep <= GPUs per node); `edp` (expert data parallel) joins the
+ranks that hold the same expert shard. Dense parameters are replicated on every rank, so for them
+the whole world is data parallel, and every rank reads its own share of each global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from moe_train.config import ConfigError, ParallelConfig
+
+
+def pick_device(kind: str, local_rank: int) -> torch.device:
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device=cuda but no CUDA device is available; use auto or cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                "start at most that many processes per node"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+@dataclass
+class Topology:
+    world_size: int
+    rank: int
+    local_rank: int
+    ep: int
+    device: torch.device
+    mesh: DeviceMesh | None  # None for a single process
+
+    @classmethod
+    def setup(cls, config: ParallelConfig, device_kind: str = "auto") -> Topology:
+        """Reads torchrun's environment, checks the layout, starts the process group and mesh."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if world_size % config.ep:
+            raise ConfigError(
+                f"parallel.ep={config.ep} must divide the world size {world_size} "
+                f"(world = expert-data-parallel x ep); allowed ep values: "
+                f"{', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)}"
+            )
+        device = pick_device(device_kind, local_rank)
+        mesh = None
+        if world_size > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if not dist.is_initialized():
+                dist.init_process_group(
+                    backend,
+                    rank=rank,
+                    world_size=world_size,
+                    timeout=timedelta(minutes=config.timeout_minutes),
+                    device_id=device if device.type == "cuda" else None,
+                )
+            mesh = init_device_mesh(
+                device.type, (world_size // config.ep, config.ep), mesh_dim_names=("edp", "ep")
+            )
+        return cls(world_size, rank, local_rank, config.ep, device, mesh)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def ep_rank(self) -> int:
+        return self.mesh.get_local_rank("ep") if self.mesh is not None else 0
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.get_group("ep") if self.mesh is not None else None
+
+    @property
+    def edp_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.get_group("edp") if self.mesh is not None else None
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+        """In-place all-reduce over `group` (default: the world); a no-op on one process."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=op, group=group)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (how ranks agree to stop)."""
+        t = torch.tensor([float(flag)], device=self.device)
+        return bool(self.all_reduce(t, op=dist.ReduceOp.MAX).item())
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()

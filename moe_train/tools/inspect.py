@@ -1,0 +1,50 @@
+"""Parameter and FLOP counts of a preset, built on the meta device (full-size presets cost no memory).
+
+    python -m moe_train.tools.inspect model=mixtral_8x7b [data.seq_len=4096]
+
+Prints JSON: total_params, active_params (what one token passes through, embeddings included),
+flops_per_token (training: 6 x active matmul parameters + 12 x layers x dim x seq_len for attention).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from moe_train.config import Config, ConfigError
+from moe_train.model import Transformer, model_size
+from moe_train.tools.hydra_config import compose_config, exit_on_config_error
+
+
+def inspect_config(config: Config) -> dict:
+    with torch.device("meta"):
+        model = Transformer(config.model)
+    size = model_size(model, config.data.seq_len)
+    moe = config.model.moe
+    return {
+        "model": config.model.name,
+        "total_params": size.total_params,
+        "active_params": size.active_params,
+        "active_matmul_params": size.active_matmul_params,
+        "flops_per_token": size.flops_per_token,
+        "seq_len": config.data.seq_len,
+        "num_layers": config.model.num_layers,
+        "moe_layers": len(model.moe_layer_ids),
+        "num_experts": moe.num_experts,
+        "top_k": moe.top_k if moe.num_experts else 0,
+        "num_shared_experts": moe.num_shared_experts,
+    }
+
+
+def main(argv: list[str]) -> None:
+    try:
+        config = compose_config(argv)
+    except ConfigError as e:
+        exit_on_config_error(e)
+    print(json.dumps(inspect_config(config), indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,170 @@
+"""What happens around each training step: evaluation, metrics, progress, checkpoints, early exit
+(step budget, wall-clock budget, SIGTERM/SIGUSR1 preemption) and the samples printed at the end.
+
+A callback returns True from on_step_end to ask the loop to stop; the ranks agree before stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from moe_train.model.generate import generate
+from moe_train.train.metrics import MetricsWriter
+
+if TYPE_CHECKING:
+    from moe_train.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PROMPTS = ("def ", "class ", "import ")
+
+
+class Callback:
+    def on_fit_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, metrics: dict) -> bool | None:
+        pass
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _due(step: int, every: int, trainer: Trainer) -> bool:
+    return trainer.finished or (every > 0 and step % every == 0)
+
+
+class Evaluate(Callback):
+    def on_step_end(self, trainer, metrics):
+        if trainer.config.trainer.eval_every and _due(metrics["step"], trainer.config.trainer.eval_every, trainer):
+            metrics["val_loss"] = trainer.evaluate()
+
+
+class LogMetrics(Callback):
+    def on_fit_start(self, trainer):
+        self.writer = MetricsWriter(trainer.config, trainer.progress.step)
+
+    def on_step_end(self, trainer, metrics):
+        if "val_loss" in metrics or _due(metrics["step"], trainer.config.trainer.log_every, trainer):
+            self.writer.log(metrics)
+        if "val_loss" in metrics:
+            log.info("step %d: val_loss %.4f", metrics["step"], metrics["val_loss"])
+
+    def close(self):
+        self.writer.close()
+
+
+class ProgressBar(Callback):
+    def on_fit_start(self, trainer):
+        t = trainer.config.trainer
+        self.bar = tqdm(total=t.max_steps, initial=trainer.progress.step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, trainer, metrics):
+        postfix = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_sec']:.0f}"}
+        if "val_loss" in metrics:
+            postfix["val"] = f"{metrics['val_loss']:.3f}"
+        if "mfu" in metrics:
+            postfix["mfu"] = f"{metrics['mfu']:.1%}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+class SaveCheckpoints(Callback):
+    def on_fit_start(self, trainer):
+        self.saved_step = trainer.progress.step
+
+    def _save(self, trainer):
+        path = trainer.checkpointer.save(trainer.config, trainer.model, trainer.optimizer, trainer.progress)
+        self.saved_step = trainer.progress.step
+        log.info("saved %s", path)
+
+    def on_step_end(self, trainer, metrics):
+        if _due(metrics["step"], trainer.config.trainer.ckpt_every, trainer):
+            self._save(trainer)
+
+    def on_fit_end(self, trainer):
+        if self.saved_step != trainer.progress.step:  # an early exit
+            self._save(trainer)
+
+
+class EarlyExit(Callback):
+    """Stops after trainer.exit_after_steps / exit_after_minutes in this invocation, or when Slurm
+    (or anyone) sends SIGTERM or SIGUSR1: the step in flight finishes, a checkpoint is written,
+    and the process exits cleanly so a requeued job resumes with trainer.resume=auto."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def on_fit_start(self, trainer):
+        self.start_step = trainer.progress.step
+        self.start_time = time.monotonic()
+        self.signal_received: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signal_received = signal.Signals(signum).name
+
+    def on_step_end(self, trainer, metrics):
+        t = trainer.config.trainer
+        if self.signal_received:
+            log.warning("%s received: checkpointing at step %d and exiting", self.signal_received, metrics["step"])
+            return True
+        if t.exit_after_steps is not None and metrics["step"] - self.start_step >= t.exit_after_steps:
+            log.info("trainer.exit_after_steps=%d reached", t.exit_after_steps)
+            return True
+        minutes = (time.monotonic() - self.start_time) / 60
+        if t.exit_after_minutes is not None and minutes >= t.exit_after_minutes:
+            log.info("trainer.exit_after_minutes=%g reached", t.exit_after_minutes)
+            return True
+        return False
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class PrintSamples(Callback):
+    """At the end of a finished run, a few samples show what the model learned. Every rank
+    generates (expert-parallel layers need every rank in each forward); rank 0 prints."""
+
+    def on_fit_end(self, trainer):
+        t = trainer.config.trainer
+        if not trainer.finished or t.num_samples == 0:
+            return
+        tokenizer = trainer.tokenizer
+        generator = torch.Generator().manual_seed(t.seed)
+        trainer.model.eval()
+        for i in range(t.num_samples):
+            prompt_text = SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]
+            prompt = torch.tensor([tokenizer.encode(prompt_text)], device=trainer.device)
+            with trainer.autocast():
+                tokens = generate(trainer.model, prompt, t.sample_tokens, generator=generator)
+            if trainer.topology.is_main:
+                print(f"\n----- sample {i + 1} -----\n{tokenizer.decode(tokens[0].tolist())}", flush=True)
+        trainer.model.train()
+
+
+def default_callbacks(trainer: Trainer) -> list[Callback]:
+    """Order matters: evaluation adds val_loss before metrics are written; exit checks come last."""
+    callbacks: list[Callback] = [Evaluate()]
+    if trainer.topology.is_main:
+        callbacks.append(LogMetrics())
+        if trainer.config.logging.progress_bar:
+            callbacks.append(ProgressBar())
+    callbacks += [SaveCheckpoints(), EarlyExit(), PrintSamples()]
+    return callbacks

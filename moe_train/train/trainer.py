@@ -1,0 +1,218 @@
+"""The training loop: build everything from the config, resume, step, and hand off to callbacks.
+
+Evaluation, logging, checkpointing, samples and early exits hang off callbacks
+(moe_train/train/callbacks.py), so the loop itself stays a few lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from moe_train.config import Config, ConfigError
+from moe_train.data import TrainBatches, build_datasets
+from moe_train.model import Transformer, lm_loss, model_size
+from moe_train.parallel.data_parallel import GradientSync
+from moe_train.parallel.expert_parallel import apply_expert_parallel
+from moe_train.parallel.topology import Topology
+from moe_train.train.callbacks import default_callbacks
+from moe_train.train.checkpoint import Checkpointer, Progress
+from moe_train.train.metrics import peak_flops
+from moe_train.train.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, config: Config, topology: Topology):
+        self.config = config
+        self.topology = topology
+        t = config.trainer
+        self.micro_batches_per_step = self._check_batch_layout()
+        self.device = topology.device
+        precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+        self.tokenizer, splits = build_datasets(config.data)
+        if self.tokenizer.vocab_size > config.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({self.tokenizer.vocab_size})"
+            )
+        self.train_batches = TrainBatches(splits["train"], t.seed)
+        self.val_data = splits["val"]
+
+        torch.manual_seed(t.seed)  # every rank builds the same full model, then keeps its shard
+        self.model = Transformer(config.model)
+        self.size = model_size(self.model, config.data.seq_len)
+        apply_expert_parallel(self.model, topology)
+        self.model.to(self.device)
+        self.model.activation_checkpointing = t.activation_checkpointing
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.grad_sync = GradientSync(self.model, topology)
+        self.optimizer = build_optimizer(self.model, config.optim, self.device)
+        self.checkpointer = Checkpointer(t.out_dir, topology, t.keep_last)
+        self.progress = Progress()
+        self.peak_flops = peak_flops(self.device)
+        self.callbacks = []
+
+    def _check_batch_layout(self) -> int:
+        t, world = self.config.trainer, self.topology.world_size
+        if t.global_batch_size % (t.micro_batch_size * world):
+            raise ConfigError(
+                f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
+                f"trainer.micro_batch_size={t.micro_batch_size} x {world} data-parallel ranks"
+            )
+        return t.global_batch_size // (t.micro_batch_size * world)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def resume(self) -> None:
+        t = self.config.trainer
+        self.checkpointer.remove_partial()
+        latest = self.checkpointer.latest()
+        if t.resume == "none":
+            if latest is not None:
+                raise ConfigError(
+                    f"trainer.out_dir={t.out_dir} already has checkpoints (newest: {latest.name}); "
+                    "use trainer.resume=auto to continue that run or choose another trainer.out_dir"
+                )
+            return
+        path = latest if t.resume == "auto" else Path(t.resume)
+        if path is not None:
+            self.progress = self.checkpointer.load(path, self.model, self.optimizer)
+            log.info("resumed from %s at step %d", path, self.progress.step)
+
+    def fit(self) -> None:
+        self.resume()
+        t = self.config.trainer
+        if self.progress.step >= t.max_steps:
+            log.warning(
+                "%s is already at step %d of trainer.max_steps=%d: nothing to train",
+                t.out_dir, self.progress.step, t.max_steps,
+            )
+            return
+        self.callbacks, started = default_callbacks(self), []
+        try:
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+                started.append(cb)
+            while self.progress.step < t.max_steps:
+                metrics = self.train_step()
+                stop = False
+                for cb in self.callbacks:
+                    stop |= bool(cb.on_step_end(self, metrics))
+                if self.topology.any(stop):  # every rank stops at the same step
+                    break
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+        finally:
+            for cb in started:
+                cb.close()
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.step >= self.config.trainer.max_steps
+
+    def train_step(self) -> dict:
+        """One optimizer step over this rank's share of the global batch; global metrics."""
+        start_time = time.perf_counter()
+        t, moe, topo = self.config.trainer, self.config.model.moe, self.topology
+        per_rank = t.global_batch_size // topo.world_size
+        first = self.progress.consumed_samples + topo.rank * per_rank
+        batch = self.train_batches.samples(first, per_rank)  # (per_rank, T + 1)
+
+        self.model.train()
+        losses = torch.zeros(3, device=self.device)  # lm, aux, z summed over micro-batches
+        tokens_per_expert = dropped = None
+        for micro in batch.split(t.micro_batch_size):
+            micro = micro.to(self.device, non_blocking=True)
+            with self.autocast():
+                out = self.forward(micro[:, :-1])
+                lm = lm_loss(out.logits, micro[:, 1:])
+            loss = lm + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.z_loss
+            (loss / self.micro_batches_per_step).backward()
+            losses += torch.stack([lm, out.aux_loss, out.z_loss]).detach()
+            if out.tokens_per_expert is not None:
+                counts = out.tokens_per_expert.float()
+                drops = out.dropped.to(self.device)
+                tokens_per_expert = counts if tokens_per_expert is None else tokens_per_expert + counts
+                dropped = drops if dropped is None else dropped + drops
+
+        self.grad_sync.reduce()
+        grad_norm = self.grad_sync.clip(self.config.optim.grad_clip)
+        lr = lr_at(self.progress.step, self.config.optim, t.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        self.progress.consumed_samples += t.global_batch_size
+
+        losses = topo.all_reduce(losses / self.micro_batches_per_step) / topo.world_size
+        lm, aux, z = losses.tolist()
+        metrics = {
+            "step": self.progress.step,
+            "loss": lm + moe.aux_loss_coef * aux + moe.z_loss_coef * z,
+            "lm_loss": lm,
+            "aux_loss": aux,
+            "z_loss": z,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+        }
+        if tokens_per_expert is not None:
+            metrics.update(self._expert_metrics(topo.all_reduce(tokens_per_expert), topo.all_reduce(dropped)))
+        elapsed = time.perf_counter() - start_time
+        tokens_per_sec = t.global_batch_size * self.config.data.seq_len / elapsed
+        metrics["tokens_per_sec"] = tokens_per_sec
+        metrics["step_time"] = elapsed
+        if self.peak_flops:
+            metrics["mfu"] = self.size.flops_per_token * tokens_per_sec / (self.peak_flops * topo.world_size)
+        return metrics
+
+    def _expert_metrics(self, tokens_per_expert: torch.Tensor, dropped: torch.Tensor) -> dict:
+        """tokens_per_expert (L, E) and dropped (L,), summed over micro-batches and ranks."""
+        load = tokens_per_expert / tokens_per_expert.sum(dim=1, keepdim=True)  # (L, E)
+        imbalance = load.max(dim=1).values / load.mean(dim=1)  # (L,)
+        dropped_frac = dropped / tokens_per_expert.sum(dim=1)  # (L,)
+        metrics = {}
+        for i, layer in enumerate(self.model.moe_layer_ids):
+            metrics[f"expert_load/layer_{layer}"] = [round(v, 5) for v in load[i].tolist()]
+            metrics[f"load_imbalance/layer_{layer}"] = imbalance[i].item()
+            if self.config.model.moe.capacity_factor is not None:
+                metrics[f"dropped_frac/layer_{layer}"] = dropped_frac[i].item()
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over eval_batches global batches spread evenly over the validation
+        split; the same sequences at any world size, each rank taking its share like in training."""
+        t, topo = self.config.trainer, self.topology
+        per_rank = t.global_batch_size // topo.world_size
+        sequences = self.val_data.evenly_spaced(t.eval_batches * t.global_batch_size)
+        mine = sequences.view(t.eval_batches, topo.world_size, per_rank, -1)[:, topo.rank].flatten(0, 1)
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for micro in mine.split(t.micro_batch_size):
+            micro = micro.to(self.device)
+            with self.autocast():
+                total += lm_loss(self.forward(micro[:, :-1]).logits, micro[:, 1:])
+        self.model.train()
+        num_micro_batches = t.eval_batches * self.micro_batches_per_step * topo.world_size
+        return (topo.all_reduce(total) / num_micro_batches).item()
+
+
+def run(config: Config) -> None:
+    """Set up the process layout, train, and tear down, also on error."""
+    topology = Topology.setup(config.parallel, config.trainer.device)
+    try:
+        Trainer(config, topology).fit()
+    finally:
+        topology.close()

@@ -1,0 +1,108 @@
+"""Expert parallelism on 2 and 4 gloo processes against single-process references."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_train.config import ConfigError, ParallelConfig
+from moe_train.parallel.topology import Topology
+from tests.conftest import TINY
+from tests.distributed import workers
+from tests.distributed.launch import RankFailed, run_ranks
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_dispatcher_round_trip(tmp_path, ep):
+    run_ranks(ep, workers.round_trip, ep, tmp_path, result_dir=tmp_path)
+    assert len(list(tmp_path.glob("rank*.ok"))) == ep
+
+
+@pytest.mark.parametrize("ep,capacity_factor", [(2, None), (4, None), (2, 1.0)])
+def test_moe_layer_matches_single_process(tmp_path, ep, capacity_factor):
+    run_ranks(ep, workers.moe_layer_matches_single_process, ep, capacity_factor, tmp_path, result_dir=tmp_path)
+    assert len(list(tmp_path.glob("rank*.ok"))) == ep
+
+
+# ---- training equivalence: the same global batch gives the same run at every layout ----
+
+STEPS = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=0", "trainer.num_samples=0"]
+
+
+def train_run(tmp_path: Path, name: str, world: int, ep: int, *extra: str, out_dir: Path | None = None):
+    out_dir = out_dir or tmp_path / name
+    result_dir = tmp_path / f"{name}-results"
+    result_dir.mkdir()
+    overrides = [*TINY, *STEPS, f"trainer.out_dir={out_dir}", f"parallel.ep={ep}", *extra]
+    run_ranks(world, workers.train, overrides, result_dir, result_dir=result_dir)
+    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return metrics, full_params(result_dir, world, ep)
+
+
+def full_params(result_dir: Path, world: int, ep: int) -> dict[str, torch.Tensor]:
+    """Rank 0's parameters with the expert shards of ranks 0..ep-1 (one expert-parallel group) joined."""
+    shards = [torch.load(result_dir / f"params_rank{r}.pt") for r in range(ep)]
+    return {k: torch.cat([s[k] for s in shards]) if ".experts." in k else v for k, v in shards[0].items()}
+
+
+def assert_same_run(metrics, params, ref_metrics, ref_params, rtol=1e-5):
+    assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics]
+    for m, ref in zip(metrics, ref_metrics):
+        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
+            if key in ref:
+                assert m[key] == pytest.approx(ref[key], rel=rtol), (m["step"], key)
+        assert m["expert_load/layer_0"] == pytest.approx(ref["expert_load/layer_0"], abs=1e-5)
+    if params is not None:
+        assert params.keys() == ref_params.keys()
+        for k in ref_params:
+            torch.testing.assert_close(params[k], ref_params[k], rtol=rtol, atol=1e-6, msg=lambda s: f"{k}: {s}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    return train_run(tmp_path_factory.mktemp("reference"), "single", 1, 1)
+
+
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2), (2, 1)], ids=["ep2", "ep4", "dp2xep2", "dp2"])
+def test_training_matches_single_process(tmp_path, reference_run, world, ep):
+    metrics, params = train_run(tmp_path, f"w{world}ep{ep}", world, ep)
+    assert_same_run(metrics, params, *reference_run)
+
+
+def test_capacity_that_drops_nothing_matches_dropless(tmp_path, reference_run):
+    metrics, params = train_run(tmp_path, "capacity", 2, 2, "model.moe.capacity_factor=8.0")
+    assert all(m["dropped_frac/layer_0"] == 0 for m in metrics)
+    assert_same_run(metrics, params, *reference_run)
+
+
+def test_checkpoint_written_at_ep2_resumes_at_ep1_and_ep4(tmp_path, reference_run):
+    saved = tmp_path / "saved"
+    train_run(tmp_path, "first-half", 2, 2, "trainer.exit_after_steps=3", out_dir=saved)
+    assert (saved / "checkpoints" / "step_00000003" / ".metadata").is_file()
+    ref_metrics, ref_params = reference_run
+    for world, ep in [(1, 1), (4, 4)]:
+        out_dir = tmp_path / f"resumed-ep{ep}"
+        shutil.copytree(saved, out_dir)
+        metrics, params = train_run(tmp_path, f"resume-ep{ep}", world, ep, out_dir=out_dir)
+        assert_same_run(metrics, params, ref_metrics, ref_params)
+
+
+# ---- bad layouts and faults ----
+
+
+def test_world_size_must_be_divisible_by_ep(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ConfigError, match=r"parallel.ep=4 must divide the world size 6 .* allowed ep values: 1, 2, 3, 6"):
+        Topology.setup(ParallelConfig(ep=4), "cpu")
+
+
+@pytest.mark.parametrize("how", ["dies", "hangs"])
+def test_a_failed_peer_gives_an_error_naming_the_collective(tmp_path, how):
+    with pytest.raises(RankFailed) as failed:
+        run_ranks(2, workers.peer_fails_during_all_to_all, how, tmp_path, result_dir=tmp_path, timeout=60)
+    assert "expert-parallel all_to_all_single (token counts) failed on rank 0" in failed.value.errors[0]
+    assert float((tmp_path / "elapsed").read_text()) < 30  # the 6 s timeout, not a hang

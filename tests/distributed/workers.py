@@ -1,0 +1,107 @@
+"""Functions each test rank runs (importable, so spawned processes can find them)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moe_train.config import ParallelConfig
+from moe_train.model.moe import MoE
+from moe_train.parallel.expert_parallel import apply_expert_parallel
+from moe_train.parallel.topology import Topology
+
+
+def build_moe(capacity_factor=None, num_experts=8, top_k=2):
+    torch.manual_seed(0)
+    moe = MoE(16, 24, num_experts, top_k, num_shared_experts=1, capacity_factor=capacity_factor)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return moe
+
+
+def moe_layer_matches_single_process(rank, ep, capacity_factor, result_dir):
+    """Every rank holds the full layer as a reference; the EP copy must give the same outputs and
+    gradients (expert gradients: the reference's summed over all ranks, this rank's slice)."""
+    topo = Topology.setup(ParallelConfig(ep=ep), "cpu")
+    reference = build_moe(capacity_factor)
+    sharded = copy.deepcopy(reference)
+    apply_expert_parallel(sharded, topo)
+    El = 8 // ep
+    assert sharded.experts.w1.shape[0] == El
+
+    torch.manual_seed(100 + rank)
+    num_tokens = [0, 1, 9, 30][rank % 4] if capacity_factor is None else 20 + 3 * rank  # uneven, even empty
+    x = torch.randn(num_tokens, 16)
+    x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, stats_ref = reference(x_ref)
+    out_ep, stats_ep = sharded(x_ep)
+    torch.testing.assert_close(out_ep, out_ref, rtol=1e-5, atol=1e-6)
+    assert stats_ep.dropped == stats_ref.dropped
+    assert torch.equal(stats_ep.tokens_per_expert, stats_ref.tokens_per_expert)
+
+    grad = torch.randn_like(out_ref)
+    out_ref.backward(grad)
+    out_ep.backward(grad)
+    torch.testing.assert_close(x_ep.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for name, p in reference.named_parameters():
+        p_ep = dict(sharded.named_parameters())[name]
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if name.startswith("experts."):
+            dist.all_reduce(g)  # every rank's tokens reach the experts through the all-to-all
+            g = g[topo.ep_rank * El : (topo.ep_rank + 1) * El]
+        g_ep = p_ep.grad if p_ep.grad is not None else torch.zeros_like(p_ep)
+        torch.testing.assert_close(g_ep, g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    Path(result_dir, f"rank{rank}.ok").write_text("ok")
+
+
+def round_trip(rank, ep, result_dir):
+    """Identity experts: every token comes back to its place; each rank receives exactly the rows
+    routed to its own experts."""
+    topo = Topology.setup(ParallelConfig(ep=ep), "cpu")
+    moe = build_moe()
+    apply_expert_parallel(moe, topo)
+    torch.manual_seed(rank)
+    x = torch.randn(17, 16)
+    routing = moe.router(x)
+    routing.weights = torch.full_like(routing.weights, 1 / moe.top_k)
+    rows, tokens_per_local_expert, state = moe.dispatcher.dispatch(x, routing)
+    counts = torch.bincount(routing.experts.flatten(), minlength=8)
+    dist.all_reduce(counts)
+    El = 8 // ep
+    assert tokens_per_local_expert.tolist() == counts[topo.ep_rank * El : (topo.ep_rank + 1) * El].tolist()
+    torch.testing.assert_close(moe.dispatcher.combine(rows, state), x)
+    Path(result_dir, f"rank{rank}.ok").write_text("ok")
+
+
+def train(rank, overrides, result_dir):
+    """Train with the given overrides; save this rank's parameters for comparison."""
+    from moe_train.tools.hydra_config import compose_config
+    from moe_train.train.trainer import Trainer
+
+    config = compose_config(overrides)
+    topo = Topology.setup(config.parallel, "cpu")
+    trainer = Trainer(config, topo)
+    trainer.fit()
+    torch.save(trainer.model.state_dict(), Path(result_dir, f"params_rank{rank}.pt"))
+
+
+def peer_fails_during_all_to_all(rank, how, result_dir):
+    """Rank 1 dies (or hangs) before the exchange; rank 0 must fail naming the collective."""
+    topo = Topology.setup(ParallelConfig(ep=2, timeout_minutes=0.1), "cpu")
+    moe = build_moe()
+    apply_expert_parallel(moe, topo)
+    dist.barrier()
+    if rank == 1:
+        if how == "dies":
+            os._exit(17)
+        time.sleep(15)  # longer than the 6 s timeout; then it exits on its own
+    started = time.monotonic()
+    try:
+        moe(torch.randn(8, 16))
+    finally:
+        Path(result_dir, "elapsed").write_text(str(time.monotonic() - started))

@@ -1,0 +1,113 @@
+"""Training runs end to end: the CLI, exact resume, early exit, atomic checkpoints, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_train.config import ConfigError
+from moe_train.tools.hydra_config import compose_config
+from moe_train.train.metrics import read_metrics
+from moe_train.train.trainer import run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train(overrides):
+    config = compose_config(overrides)
+    run(config)
+    return read_metrics(config.trainer.out_dir)
+
+
+def losses(metrics):
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics]
+
+
+def test_resume_is_bit_exact(tmp_path, tiny_overrides):
+    common = [*tiny_overrides[:-1], "trainer.max_steps=20", "trainer.eval_every=10", "trainer.ckpt_every=0"]
+    whole = train([*common, f"trainer.out_dir={tmp_path / 'whole'}"])
+    split_dir = tmp_path / "split"
+    first = train([*common, f"trainer.out_dir={split_dir}", "trainer.exit_after_steps=10"])
+    assert [m["step"] for m in first][-1] == 10
+    assert sorted(p.name for p in (split_dir / "checkpoints").iterdir()) == ["step_00000010"]
+    resumed = train([*common, f"trainer.out_dir={split_dir}"])
+    assert losses(resumed) == losses(whole)  # bit for bit: floats compared exactly
+    assert [m.get("val_loss") for m in resumed] == [m.get("val_loss") for m in whole]
+
+
+def test_resume_auto_takes_newest_complete_checkpoint_and_ignores_partial(tmp_path, tiny_overrides):
+    overrides = [*tiny_overrides, "trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.keep_last=2"]
+    train([*overrides, "trainer.exit_after_steps=4"])
+    ckpts = Path(compose_config(overrides).trainer.out_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004"]
+    # a save that crashed midway: folder present, no rename, no .metadata
+    (ckpts / "step_00000006.tmp").mkdir()
+    (ckpts / "step_00000006.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    metrics = train(overrides)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000004", "step_00000006"]
+
+
+def test_resume_none_refuses_to_overwrite_and_finished_run_does_nothing(tmp_path, tiny_overrides):
+    overrides = [*tiny_overrides, "trainer.max_steps=2"]
+    train(overrides)
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        train([*overrides, "trainer.resume=none"])
+    assert len(train(overrides)) == 2  # resume=auto at max_steps: nothing more is logged
+    with pytest.raises(ConfigError, match="is not a complete checkpoint"):
+        train([*overrides, f"trainer.resume={tmp_path / 'missing'}"])
+
+
+def test_resume_from_checkpoint_of_another_model_fails_clearly(tmp_path, tiny_overrides):
+    train([*tiny_overrides, "trainer.max_steps=1"])
+    ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="cannot load checkpoint"):
+        train([*tiny_overrides[:-1], f"trainer.out_dir={tmp_path / 'other'}", "model.dim=32",
+               f"trainer.resume={ckpt}", "trainer.max_steps=2"])
+
+
+def test_metrics_have_the_documented_keys(tmp_path, tiny_overrides):
+    metrics = train([*tiny_overrides, "trainer.max_steps=3", "trainer.eval_every=3"])
+    last = metrics[-1]
+    for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec", "val_loss"):
+        assert key in last
+    load = last["expert_load/layer_0"]
+    assert len(load) == 8 and abs(sum(load) - 1) < 1e-3
+    assert last["load_imbalance/layer_1"] == pytest.approx(max(last["expert_load/layer_1"]) * 8, rel=1e-3)
+
+
+def cli(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_trains_writes_metrics_and_prints_samples(tmp_path, tiny_overrides):
+    result = cli(*tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=2", "logging.wandb.mode=offline")
+    assert result.returncode == 0, result.stderr
+    assert "----- sample 1 -----" in result.stdout
+    run_dir = tmp_path / "run"
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert (run_dir / "checkpoints" / "step_00000004" / "config.yaml").is_file()
+    assert any((run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["model=nope"], "error: model=nope is not a preset"),
+        (["model.moe.top_k=9"], "error: model.moe.top_k=9 must be between 1 and model.moe.num_experts=8"),
+        (["optim.lr=-1"], "error: optim.lr=-1.0 must be a positive number"),
+        (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], "error: trainer.global_batch_size=6"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(args, message, tmp_path):
+    result = cli(*args, f"trainer.out_dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,55 @@
+"""Config validation: each bad value names its key and what is allowed."""
+
+import pytest
+
+from moe_train.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainerConfig
+from moe_train.tools.hydra_config import compose_config
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: MoEConfig(num_experts=8, top_k=9), "model.moe.top_k=9 must be between 1 and model.moe.num_experts=8"),
+        (lambda: ModelConfig(dim=100, num_heads=8), "model.dim=100 must be divisible by model.num_heads=8"),
+        (lambda: ModelConfig(num_heads=8, num_kv_heads=3), "model.num_heads=8 must be divisible by model.num_kv_heads=3"),
+        (lambda: OptimConfig(lr=-1e-3), "optim.lr=-0.001 must be a positive number"),
+        (lambda: TrainerConfig(global_batch_size=10, micro_batch_size=4), "trainer.global_batch_size=10 must be divisible by trainer.micro_batch_size=4"),
+        (lambda: TrainerConfig(device="tpu"), "trainer.device='tpu' is not allowed; choose one of auto, cpu, cuda"),
+        (lambda: DataConfig(seq_len=0), "data.seq_len=0 must be > 0"),
+        (lambda: Config(model=ModelConfig(max_seq_len=64), data=DataConfig(seq_len=128)), "data.seq_len=128 must be <= model.max_seq_len=64"),
+        (lambda: Config(model=ModelConfig(moe=MoEConfig(num_experts=8)), parallel=ParallelConfig(ep=3)), "model.moe.num_experts=8 must be divisible by parallel.ep=3"),
+        (lambda: Config(model=ModelConfig(moe=MoEConfig(num_experts=8)), parallel=ParallelConfig(ep=16)), "model.moe.num_experts=8 must be divisible by parallel.ep=16"),
+        (lambda: MoEConfig(num_experts=8, capacity_factor=0.0), "model.moe.capacity_factor=0.0 must be > 0"),
+    ],
+)
+def test_bad_values_name_the_key(build, message):
+    with pytest.raises(ConfigError) as error:
+        build()
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model=nope"], "model=nope is not a preset; available: dbrx, dbrx_tiny"),
+        (["trainer.max_steps=abc"], "trainer.max_steps: Value 'abc'"),
+        (["model.moe.top_k=3", "model=dense_tiny"], None),  # dense: top_k unused
+        (["model=mixtral_tiny", "model.moe.top_k=9"], "model.moe.top_k=9 must be between"),
+    ],
+)
+def test_composed_overrides(overrides, message):
+    if message is None:
+        compose_config(overrides)
+        return
+    with pytest.raises(ConfigError) as error:
+        compose_config(overrides)
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_every_preset_composes():
+    from moe_train.tools.hydra_config import CONF_DIR
+
+    for preset in sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")):
+        assert compose_config([f"model={preset}"]).model.name == preset
+    assert compose_config(["+experiment=ci"]).trainer.max_steps == 30

@@ -1,0 +1,102 @@
+"""Attention against a naive reference, layer placement, parameter counts against hand and published figures."""
+
+import math
+
+import pytest
+import torch
+
+from moe_train.config import ModelConfig, MoEConfig
+from moe_train.model import Transformer, model_size
+from moe_train.model.layers import Attention, apply_rotary, rotary_tables
+from moe_train.tools.hydra_config import compose_config
+from moe_train.tools.inspect import inspect_config
+
+
+def naive_attention(attn: Attention, x, cos, sin):
+    """Per head, explicit softmax(q k^T / sqrt(d)) with a causal mask; kv heads shared by groups."""
+    B, T, _ = x.shape
+    H, K, Dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = apply_rotary((x @ attn.wq.weight.T).view(B, T, H, Dh).transpose(1, 2), cos, sin)
+    k = apply_rotary((x @ attn.wk.weight.T).view(B, T, K, Dh).transpose(1, 2), cos, sin)
+    v = (x @ attn.wv.weight.T).view(B, T, K, Dh).transpose(1, 2)
+    heads = []
+    for h in range(H):
+        kv = h // (H // K)
+        scores = q[:, h] @ k[:, kv].transpose(-1, -2) / math.sqrt(Dh)
+        scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+        heads.append(scores.softmax(-1) @ v[:, kv])
+    return torch.stack(heads, 1).transpose(1, 2).reshape(B, T, H * Dh) @ attn.wo.weight.T
+
+
+@pytest.mark.parametrize("num_kv_heads", [8, 2, 1])
+def test_grouped_query_attention_matches_naive(num_kv_heads):
+    torch.manual_seed(0)
+    attn = Attention(64, 8, num_kv_heads)
+    cos, sin = rotary_tables(8, 32, 10000.0)
+    x = torch.randn(2, 11, 64)
+    torch.testing.assert_close(
+        attn(x, cos[:11], sin[:11]), naive_attention(attn, x, cos[:11], sin[:11]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_rotary_preserves_norm_and_relative_position():
+    cos, sin = rotary_tables(16, 64, 10000.0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    rot = lambda x, p: apply_rotary(x, cos[p : p + 1], sin[p : p + 1])  # noqa: E731
+    torch.testing.assert_close(rot(q, 5).norm(), q.norm())
+    # q_m . k_n depends only on m - n
+    torch.testing.assert_close((rot(q, 7) * rot(k, 3)).sum(), (rot(q, 24) * rot(k, 20)).sum())
+
+
+def test_layer_placement_first_k_dense_and_every_n():
+    config = ModelConfig(num_layers=6, moe=MoEConfig(num_experts=4, top_k=2, first_k_dense=1, every_n_layers=2))
+    assert Transformer(config).moe_layer_ids == [2, 4]
+    assert Transformer(ModelConfig(num_layers=3)).moe_layer_ids == []
+
+
+def test_forward_shapes_losses_and_tied_embeddings():
+    config = ModelConfig(dim=32, num_heads=4, ffn_hidden_dim=64, max_seq_len=16, tie_embeddings=True,
+                         moe=MoEConfig(num_experts=4, top_k=2))
+    model = Transformer(config)
+    out = model(torch.randint(0, 256, (3, 16)))
+    assert out.logits.shape == (3, 16, 256)
+    assert out.tokens_per_expert.shape == (4, 4) and out.tokens_per_expert.sum() == 4 * 3 * 16 * 2
+    assert model.output.weight is model.tok_embeddings.weight
+    dense = Transformer(ModelConfig(dim=32, num_heads=4, ffn_hidden_dim=64, max_seq_len=16))
+    assert dense(torch.randint(0, 256, (1, 8))).aux_loss.item() == 0.0
+
+
+def test_counts_by_hand():
+    # 2 layers, dim 8, vocab 10, 4 experts of hidden 6, top 2, 1 shared, GQA 2 heads / 1 kv head
+    config = ModelConfig(vocab_size=10, dim=8, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_dim=6,
+                         max_seq_len=4, moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1))
+    size = model_size(Transformer(config), seq_len=4)
+    attention = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8  # wq, wk, wv, wo
+    expert = 3 * 8 * 6
+    per_layer = attention + 4 * expert + expert + 4 * 8 + 2 * 8  # routed, shared, router, 2 norms
+    embeddings = 2 * 10 * 8
+    assert size.total_params == 2 * per_layer + embeddings + 8
+    active_layer = per_layer - 2 * expert
+    assert size.active_params == 2 * active_layer + embeddings + 8
+    matmul = 2 * (active_layer - 16) + 10 * 8
+    assert size.active_matmul_params == matmul
+    assert size.flops_per_token == 6 * matmul + 12 * 2 * 8 * 4
+
+
+# Published counts. A published figure is rounded: allow 1% or half a unit of its last digit.
+PUBLISHED = {
+    "mixtral_8x7b": (46.7e9, 0.05e9, 12.9e9, 0.05e9),
+    "dbrx": (132e9, 0.5e9, 36e9, 0.5e9),
+    "deepseekmoe_16b": (16.4e9, 0.05e9, 2.8e9, 0.05e9),
+    "llama2_7b": (6.74e9, 0.005e9, 6.74e9, 0.005e9),
+    "grok1": (314e9, 0.5e9, None, None),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_full_size_presets_match_published_counts(preset):
+    counts = inspect_config(compose_config([f"model={preset}"]))
+    total, total_unit, active, active_unit = PUBLISHED[preset]
+    assert abs(counts["total_params"] - total) <= max(0.01 * total, total_unit)
+    if active is not None:
+        assert abs(counts["active_params"] - active) <= max(0.01 * active, active_unit)

@@ -1,0 +1,47 @@
+"""Train a Mixture-of-Experts language model.
+
+    python train.py                                   # the default: mixtral_tiny on the stdlib corpus
+    python train.py model=dbrx_tiny trainer.max_steps=100
+    torchrun --nproc_per_node=4 train.py parallel.ep=4
+
+Composes conf/ with the command line (Hydra), turns it into the typed Config once, trains.
+A configuration mistake prints one line naming the key and exits with code 2.
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from moe_train.config import ConfigError
+from moe_train.tools.hydra_config import compose_config, exit_on_config_error, register_schema, to_config
+from moe_train.train.trainer import run
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        config = to_config(cfg)
+        run(config)
+    except ConfigError as e:
+        exit_on_config_error(e)
+
+
+def preflight(argv: list[str]) -> None:
+    """Hydra reports composition mistakes (an unknown preset or key) over several lines with exit
+    code 1; compose once here first so they get our one line and exit code 2. Sweeps (-m) and
+    Hydra's own flags go straight to Hydra."""
+    if any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):
+        return
+    try:
+        compose_config([a for a in argv if not a.startswith(("hydra.", "hydra/"))])
+    except ConfigError as e:
+        exit_on_config_error(e)
+
+
+if __name__ == "__main__":
+    logging.getLogger("moe_train").setLevel(logging.INFO)
+    register_schema()
+    preflight(sys.argv[1:])
+    main()
