@@ -132,14 +132,15 @@ class LocalDispatcher:
         return self.unpermute(y, state)
 
 
-def use_grouped_mm(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on Hopper-class GPUs in bf16; elsewhere the loop over experts runs."""
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-    )
+def grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """bf16 when torch._grouped_mm can run (a Hopper-class GPU, bf16 inputs or bf16 autocast),
+    else None: the loop over experts runs instead."""
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return None
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
+    autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    return torch.bfloat16 if x.dtype == torch.bfloat16 or autocast_bf16 else None
 
 
 class GroupedExperts(nn.Module):
@@ -154,19 +155,30 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))  # gate
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))  # up
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))  # down
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default per expert: uniform in +-1/sqrt(fan_in). (Transformer re-inits.)"""
+        for w in (self.w1, self.w3, self.w2):
+            bound = w.shape[1] ** -0.5
+            nn.init.uniform_(w, -bound, bound)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x (S, D) grouped by expert, tokens_per_expert (El,) -> (S, D)."""
-        if use_grouped_mm(x):
-            return self._forward_grouped(x, tokens_per_expert)
+        dtype = grouped_mm_dtype(x)
+        if dtype is not None:
+            return self._forward_grouped(x.to(dtype), tokens_per_expert)
         return self._forward_loop(x, tokens_per_expert)
 
     def _forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        # unbind, not w[e]: the backward of one unbind stacks all expert gradients at once, while
+        # E separate w[e] selects would each materialise and add a full (E, ...) gradient.
         outputs = []
-        for e, x_e in enumerate(torch.split(x, tokens_per_expert.tolist())):
-            h = F.silu(x_e @ self.w1[e]) * (x_e @ self.w3[e])  # (n_e, F)
-            outputs.append(h @ self.w2[e])  # (n_e, D)
-        return torch.cat(outputs) if outputs else x.new_zeros(0, self.w2.shape[-1])
+        chunks = torch.split(x, tokens_per_expert.tolist())
+        for x_e, w1, w3, w2 in zip(chunks, self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)):
+            h = F.silu(x_e @ w1) * (x_e @ w3)  # (n_e, F)
+            outputs.append(h @ w2)  # (n_e, D)
+        return torch.cat(outputs)
 
     def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (El,) end row of each expert

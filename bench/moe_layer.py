@@ -1,0 +1,147 @@
+"""One MoE layer, forward and backward, at Mixtral-, DBRX- and DeepSeekMoE-like shapes.
+
+    python -m bench.moe_layer            # CPU shapes scaled down by 8 in width; real widths on a GPU
+
+Contenders, same shapes and (where the layout allows) the same weights, all in one run:
+  ours          moe_train's MoE layer (grouped GEMM on Hopper GPUs, loop over experts elsewhere)
+  loop          the same layer with the loop over experts forced (the reference path)
+  hf_mixtral    transformers' MixtralSparseMoeBlock, if transformers is installed (no shared experts)
+  dense_matmul  plain matrix products with the same FLOPs: the ceiling on this machine
+FLOPs per layer call (forward + backward) = 6 * tokens * (top_k * 3 * dim * hidden
+  + num_shared * 3 * dim * hidden + dim * num_experts): router, routed and shared experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+
+from bench.common import print_table, time_it, write_json
+from moe_train.model.moe import MoE
+
+SHAPES = {  # name: (dim, hidden, experts, top_k, shared) at real width
+    "mixtral": (4096, 14336, 8, 2, 0),
+    "dbrx": (6144, 10752, 16, 4, 0),
+    "deepseekmoe": (2048, 1408, 64, 6, 2),
+}
+
+
+def layer_flops(tokens, dim, hidden, experts, top_k, shared) -> float:
+    return 6.0 * tokens * ((top_k + shared) * 3 * dim * hidden + dim * experts)
+
+
+def make_layer(dim, hidden, experts, top_k, shared, device) -> MoE:
+    torch.manual_seed(0)
+    layer = MoE(dim, hidden, experts, top_k, shared, renormalize=True).to(device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(std=dim**-0.5)
+    return layer
+
+
+@contextlib.contextmanager
+def loop_experts(layer: MoE):
+    forward = layer.experts.forward
+    layer.experts.forward = layer.experts._forward_loop
+    try:
+        yield
+    finally:
+        layer.experts.forward = forward
+
+
+def hf_block(layer: MoE, dim, hidden, experts, top_k, device):
+    """transformers' Mixtral block with our weights, or None (not installed / unknown layout)."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    config = MixtralConfig(hidden_size=dim, intermediate_size=hidden, num_local_experts=experts,
+                           num_experts_per_tok=top_k)
+    block = MixtralSparseMoeBlock(config).to(device)
+    w1, w3, w2 = (w.detach() for w in (layer.experts.w1, layer.experts.w3, layer.experts.w2))
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.router.gate.weight)
+        ex = block.experts
+        if hasattr(ex, "gate_up_proj"):  # transformers 5: fused (E, 2F, D) and (E, D, F)
+            ex.gate_up_proj.copy_(torch.cat([w1, w3], dim=2).transpose(1, 2))
+            ex.down_proj.copy_(w2.transpose(1, 2))
+        else:  # transformers 4: a ModuleList of w1, w2, w3 Linears
+            for e, expert in enumerate(ex):
+                expert.w1.weight.copy_(w1[e].T)
+                expert.w3.weight.copy_(w3[e].T)
+                expert.w2.weight.copy_(w2[e].T)
+    return block
+
+
+def step_fn(module, x, autocast, shape=None):
+    def run():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with autocast():
+            out = module(x if shape is None else x.view(shape))
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per layer call")
+    parser.add_argument("--width-divisor", type=int, default=None, help="scale dim and hidden down")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    divisor = args.width_divisor or (1 if on_gpu else 8)
+    tokens = args.tokens or (8192 if on_gpu else 4096)
+    dtype = torch.bfloat16 if on_gpu else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
+
+    rows = []
+    for name, (dim, hidden, experts, top_k, shared) in SHAPES.items():
+        dim, hidden = dim // divisor, hidden // divisor
+        flops = layer_flops(tokens, dim, hidden, experts, top_k, shared)
+        layer = make_layer(dim, hidden, experts, top_k, shared, device)
+        x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+        results = {"ours": time_it(step_fn(layer, x, autocast), device, repeat=args.repeat)}
+        with loop_experts(layer):
+            results["loop"] = time_it(step_fn(layer, x, autocast), device, repeat=args.repeat)
+        block = None
+        if not shared:  # Mixtral's block has no shared experts
+            try:
+                block = hf_block(layer, dim, hidden, experts, top_k, device)
+            except Exception as e:  # noqa: BLE001 - a transformers version with another layout
+                print(f"hf_mixtral skipped at {name}: {type(e).__name__}: {e}")
+        if block is not None:
+            results["hf_mixtral"] = time_it(step_fn(block, x, autocast, (1, tokens, dim)), device,
+                                            repeat=args.repeat)
+            del block
+        layer.zero_grad(set_to_none=True)
+        # the ceiling: dense matmuls (tokens*(k+shared), dim) x (dim, hidden) of the same FLOPs
+        a = torch.randn(tokens * (top_k + shared), dim, device=device, dtype=dtype, requires_grad=True)
+        w = [torch.randn(dim, hidden, device=device, dtype=dtype, requires_grad=True) for _ in range(2)]
+        w2 = torch.randn(hidden, dim, device=device, dtype=dtype, requires_grad=True)
+        dense = lambda: ((torch.nn.functional.silu(a @ w[0]) * (a @ w[1])) @ w2).float().sum().backward()  # noqa: E731
+        results["dense_matmul"] = time_it(dense, device, repeat=args.repeat)
+        ceiling = flops / results["dense_matmul"]
+        for contender, seconds in results.items():
+            rows.append({
+                "shape": name, "contender": contender, "dim": dim, "hidden": hidden, "experts": experts,
+                "top_k": top_k, "shared": shared, "tokens": tokens, "ms": seconds * 1e3,
+                "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
+                "vs_ceiling": flops / seconds / ceiling,
+            })
+        del layer, x, a, w, w2
+        if on_gpu:
+            torch.cuda.empty_cache()
+    print(__doc__.split("\n")[-2].strip())
+    print_table(rows, ["shape", "contender", "dim", "hidden", "experts", "top_k", "shared", "tokens", "ms",
+                       "tokens_per_s", "tflops", "vs_ceiling"])
+    write_json("moe_layer", {"rows": rows, "flops_formula": "6*tokens*((top_k+shared)*3*dim*hidden + dim*experts)"})
+
+
+if __name__ == "__main__":
+    main()
