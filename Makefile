@@ -30,7 +30,9 @@ format: setup
 	$(BIN)/ruff format .
 
 bench: setup
-	$(BIN)/python -m bench.moe_layer $(ARGS)
+	$(BIN)/python -m bench.moe_layer
+	$(BIN)/python -m bench.expert_parallel
+	$(BIN)/python -m bench.train_e2e model=mixtral_tiny
 
 clean:
 	rm -rf $(VENV) runs outputs

@@ -33,7 +33,11 @@ def time_it(fn, device: torch.device, warmup: int = 2, repeat: int = 5) -> float
 
 
 def machine() -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     else:

@@ -58,8 +58,9 @@ def hf_block(layer: MoE, dim, hidden, experts, top_k, device):
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
         return None
-    config = MixtralConfig(hidden_size=dim, intermediate_size=hidden, num_local_experts=experts,
-                           num_experts_per_tok=top_k)
+    config = MixtralConfig(
+        hidden_size=dim, intermediate_size=hidden, num_local_experts=experts, num_experts_per_tok=top_k
+    )
     block = MixtralSparseMoeBlock(config).to(device)
     w1, w3, w2 = (w.detach() for w in (layer.experts.w1, layer.experts.w3, layer.experts.w2))
     with torch.no_grad():
@@ -84,6 +85,21 @@ def step_fn(module, x, autocast, shape=None):
             out = module(x if shape is None else x.view(shape))
         out = out[0] if isinstance(out, tuple) else out
         out.float().sum().backward()
+
+    return run
+
+
+def dense_swiglu(rows, dim, hidden, device, dtype):
+    """The ceiling: one dense SwiGLU over `rows` tokens, the FLOPs of the routed + shared experts."""
+    a = torch.randn(rows, dim, device=device, dtype=dtype, requires_grad=True)
+    w1, w3 = (torch.randn(dim, hidden, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(hidden, dim, device=device, dtype=dtype, requires_grad=True)
+
+    def run():
+        for t in (a, w1, w3, w2):
+            t.grad = None
+        ((torch.nn.functional.silu(a @ w1) * (a @ w3)) @ w2).float().sum().backward()
+
     return run
 
 
@@ -116,31 +132,56 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a transformers version with another layout
                 print(f"hf_mixtral skipped at {name}: {type(e).__name__}: {e}")
         if block is not None:
-            results["hf_mixtral"] = time_it(step_fn(block, x, autocast, (1, tokens, dim)), device,
-                                            repeat=args.repeat)
+            results["hf_mixtral"] = time_it(
+                step_fn(block, x, autocast, (1, tokens, dim)), device, repeat=args.repeat
+            )
             del block
         layer.zero_grad(set_to_none=True)
-        # the ceiling: dense matmuls (tokens*(k+shared), dim) x (dim, hidden) of the same FLOPs
-        a = torch.randn(tokens * (top_k + shared), dim, device=device, dtype=dtype, requires_grad=True)
-        w = [torch.randn(dim, hidden, device=device, dtype=dtype, requires_grad=True) for _ in range(2)]
-        w2 = torch.randn(hidden, dim, device=device, dtype=dtype, requires_grad=True)
-        dense = lambda: ((torch.nn.functional.silu(a @ w[0]) * (a @ w[1])) @ w2).float().sum().backward()  # noqa: E731
-        results["dense_matmul"] = time_it(dense, device, repeat=args.repeat)
+        results["dense_matmul"] = time_it(
+            dense_swiglu(tokens * (top_k + shared), dim, hidden, device, dtype), device, repeat=args.repeat
+        )
         ceiling = flops / results["dense_matmul"]
         for contender, seconds in results.items():
-            rows.append({
-                "shape": name, "contender": contender, "dim": dim, "hidden": hidden, "experts": experts,
-                "top_k": top_k, "shared": shared, "tokens": tokens, "ms": seconds * 1e3,
-                "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
-                "vs_ceiling": flops / seconds / ceiling,
-            })
-        del layer, x, a, w, w2
+            rows.append(
+                {
+                    "shape": name,
+                    "contender": contender,
+                    "dim": dim,
+                    "hidden": hidden,
+                    "experts": experts,
+                    "top_k": top_k,
+                    "shared": shared,
+                    "tokens": tokens,
+                    "ms": seconds * 1e3,
+                    "tokens_per_s": tokens / seconds,
+                    "tflops": flops / seconds / 1e12,
+                    "vs_ceiling": flops / seconds / ceiling,
+                }
+            )
+        del layer, x
         if on_gpu:
             torch.cuda.empty_cache()
     print(__doc__.split("\n")[-2].strip())
-    print_table(rows, ["shape", "contender", "dim", "hidden", "experts", "top_k", "shared", "tokens", "ms",
-                       "tokens_per_s", "tflops", "vs_ceiling"])
-    write_json("moe_layer", {"rows": rows, "flops_formula": "6*tokens*((top_k+shared)*3*dim*hidden + dim*experts)"})
+    print_table(
+        rows,
+        [
+            "shape",
+            "contender",
+            "dim",
+            "hidden",
+            "experts",
+            "top_k",
+            "shared",
+            "tokens",
+            "ms",
+            "tokens_per_s",
+            "tflops",
+            "vs_ceiling",
+        ],
+    )
+    write_json(
+        "moe_layer", {"rows": rows, "flops_formula": "6*tokens*((top_k+shared)*3*dim*hidden + dim*experts)"}
+    )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,16 @@ def main() -> None:
         if args.profile:
             with torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                if torch.cuda.is_available() else None
+                if torch.cuda.is_available()
+                else None
             ) as prof:
                 trainer.train_step()
-            print(prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available()
-                                            else "self_cpu_time_total", row_limit=20))
+            print(
+                prof.key_averages().table(
+                    sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+                    row_limit=20,
+                )
+            )
     row = {
         "model": config.model.name,
         "device": str(topology.device),

@@ -57,8 +57,7 @@ class MoEConfig:
             return
         _check(
             1 <= self.top_k <= self.num_experts,
-            f"model.moe.top_k={self.top_k} must be between 1 and "
-            f"model.moe.num_experts={self.num_experts}",
+            f"model.moe.top_k={self.top_k} must be between 1 and model.moe.num_experts={self.num_experts}",
         )
         _check(
             self.num_shared_experts >= 0,
@@ -69,9 +68,7 @@ class MoEConfig:
             f"model.moe.expert_hidden_dim={self.expert_hidden_dim} must be > 0",
         )
         _check(self.first_k_dense >= 0, f"model.moe.first_k_dense={self.first_k_dense} must be >= 0")
-        _check(
-            self.every_n_layers >= 1, f"model.moe.every_n_layers={self.every_n_layers} must be >= 1"
-        )
+        _check(self.every_n_layers >= 1, f"model.moe.every_n_layers={self.every_n_layers} must be >= 1")
         _check(self.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={self.aux_loss_coef} must be >= 0")
         _check(self.z_loss_coef >= 0, f"model.moe.z_loss_coef={self.z_loss_coef} must be >= 0")
         _check(
@@ -121,8 +118,7 @@ class ModelConfig:
         )
         _check(
             self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
-            f"model.num_heads={self.num_heads} must be divisible by "
-            f"model.num_kv_heads={self.num_kv_heads}",
+            f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads={self.num_kv_heads}",
         )
         _check(
             self.head_dim % 2 == 0,
@@ -162,9 +158,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _one_of("data.name", self.name, ("stdlib",))
         _check(self.seq_len > 0, f"data.seq_len={self.seq_len} must be > 0")
-        _check(
-            0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1)"
-        )
+        _check(0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
 
 
 @dataclass
@@ -196,11 +190,11 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
+    max_steps: int = 500
     """Optimizer steps of the whole run; the LR schedule follows it."""
-    global_batch_size: int = 16
+    global_batch_size: int = 8
     """Sequences per optimizer step over all ranks."""
-    micro_batch_size: int = 16
+    micro_batch_size: int = 8
     """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
     seed: int = 1234
     """Seeds the initialisation, the data order and the sampling."""
@@ -234,7 +228,7 @@ class TrainerConfig:
     """Write metrics every N optimizer steps."""
     num_samples: int = 3
     """Samples generated and printed at the end of training."""
-    sample_tokens: int = 200
+    sample_tokens: int = 150
     """Tokens per generated sample."""
 
     def __post_init__(self) -> None:

@@ -18,9 +18,7 @@ from moe_train.config import ConfigError
 def stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
-        p
-        for p in root.rglob("*.py")
-        if "site-packages" not in p.parts and "__pycache__" not in p.parts
+        p for p in root.rglob("*.py") if "site-packages" not in p.parts and "__pycache__" not in p.parts
     )
     if not files:
         raise ConfigError(f"data.name=stdlib found no .py files under {root}")

@@ -97,9 +97,7 @@ class LocalDispatcher:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def permute(
-        self, x: torch.Tensor, routing: Routing
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+    def permute(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         """Rows of x (N, D) grouped by expert: (S, D), tokens per expert (E,) and the undo state."""
         flat_experts = routing.experts.flatten()  # (N * k,)
         order = flat_experts.argsort(stable=True)  # (N * k,)
@@ -122,9 +120,7 @@ class LocalDispatcher:
         weights = state.weights.to(y.dtype).unsqueeze(-1)  # (N, k, 1)
         return (y * weights).sum(dim=1)
 
-    def dispatch(
-        self, x: torch.Tensor, routing: Routing
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         """Returns the rows for this rank's experts (grouped by expert), their counts and a state."""
         return self.permute(x, routing)
 

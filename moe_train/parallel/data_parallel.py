@@ -27,7 +27,9 @@ def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     buckets: list[list[torch.Tensor]] = [[]]
     size = 0
     for g in grads:
-        if buckets[-1] and (size + g.numel() * g.element_size() > BUCKET_BYTES or g.dtype != buckets[-1][0].dtype):
+        if buckets[-1] and (
+            size + g.numel() * g.element_size() > BUCKET_BYTES or g.dtype != buckets[-1][0].dtype
+        ):
             buckets.append([])
             size = 0
         buckets[-1].append(g)

@@ -99,9 +99,7 @@ class AllToAllDispatcher(LocalDispatcher):
 
     def combine(self, y: torch.Tensor, state: ExpertParallelState) -> torch.Tensor:
         y_recv = torch.zeros_like(y).index_copy(0, state.regroup, y)  # back to (source, expert) order
-        y_sorted = _AllToAll.apply(
-            y_recv, state.send_splits, state.recv_splits, self.group, "expert outputs"
-        )
+        y_sorted = _AllToAll.apply(y_recv, state.send_splits, state.recv_splits, self.group, "expert outputs")
         return self.unpermute(y_sorted, state.local)
 
 

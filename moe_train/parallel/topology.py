@@ -19,6 +19,16 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from moe_train.config import ConfigError, ParallelConfig
 
 
+def _launcher_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank): torchrun's, else srun tasks' (Slurm, submitit), else one process."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"]), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+        return int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0))
+    return 1, 0, 0
+
+
 def pick_device(kind: str, local_rank: int) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,9 +57,7 @@ class Topology:
     @classmethod
     def setup(cls, config: ParallelConfig, device_kind: str = "auto") -> Topology:
         """Reads torchrun's environment, checks the layout, starts the process group and mesh."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        world_size, rank, local_rank = _launcher_env()
         if world_size % config.ep:
             raise ConfigError(
                 f"parallel.ep={config.ep} must divide the world size {world_size} "

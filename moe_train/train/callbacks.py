@@ -46,7 +46,9 @@ def _due(step: int, every: int, trainer: Trainer) -> bool:
 
 class Evaluate(Callback):
     def on_step_end(self, trainer, metrics):
-        if trainer.config.trainer.eval_every and _due(metrics["step"], trainer.config.trainer.eval_every, trainer):
+        if trainer.config.trainer.eval_every and _due(
+            metrics["step"], trainer.config.trainer.eval_every, trainer
+        ):
             metrics["val_loss"] = trainer.evaluate()
 
 
@@ -122,7 +124,9 @@ class EarlyExit(Callback):
     def on_step_end(self, trainer, metrics):
         t = trainer.config.trainer
         if self.signal_received:
-            log.warning("%s received: checkpointing at step %d and exiting", self.signal_received, metrics["step"])
+            log.warning(
+                "%s received: checkpointing at step %d and exiting", self.signal_received, metrics["step"]
+            )
             return True
         if t.exit_after_steps is not None and metrics["step"] - self.start_step >= t.exit_after_steps:
             log.info("trainer.exit_after_steps=%d reached", t.exit_after_steps)

@@ -120,14 +120,11 @@ class Checkpointer:
         topo.barrier()
         return final
 
-    def load(
-        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> Progress:
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
         """Restore model, optimizer, data position and RNG in place, at any expert-parallel layout."""
         if not is_complete(path):
             raise ConfigError(
-                f"trainer.resume={path} is not a complete checkpoint (a step_XXXXXXXX folder with "
-                ".metadata)"
+                f"trainer.resume={path} is not a complete checkpoint (a step_XXXXXXXX folder with .metadata)"
             )
         state = self._state(model, optimizer, Progress())
         try:

@@ -19,7 +19,7 @@ from moe_train.model import Transformer, lm_loss, model_size
 from moe_train.parallel.data_parallel import GradientSync
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.topology import Topology
-from moe_train.train.callbacks import default_callbacks
+from moe_train.train.callbacks import Callback, default_callbacks
 from moe_train.train.checkpoint import Checkpointer, Progress
 from moe_train.train.metrics import peak_flops
 from moe_train.train.optim import build_optimizer, lr_at
@@ -34,7 +34,9 @@ class Trainer:
         t = config.trainer
         self.micro_batches_per_step = self._check_batch_layout()
         self.device = topology.device
-        precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        precision = (
+            t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        )
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
         self.tokenizer, splits = build_datasets(config.data)
@@ -90,16 +92,20 @@ class Trainer:
             self.progress = self.checkpointer.load(path, self.model, self.optimizer)
             log.info("resumed from %s at step %d", path, self.progress.step)
 
-    def fit(self) -> None:
+    def fit(self, callbacks: list[Callback] | None = None) -> None:
+        """Resume if asked, then train to trainer.max_steps (or an early exit). `callbacks`
+        replaces the default list (moe_train.train.callbacks.default_callbacks)."""
         self.resume()
         t = self.config.trainer
         if self.progress.step >= t.max_steps:
             log.warning(
                 "%s is already at step %d of trainer.max_steps=%d: nothing to train",
-                t.out_dir, self.progress.step, t.max_steps,
+                t.out_dir,
+                self.progress.step,
+                t.max_steps,
             )
             return
-        self.callbacks, started = default_callbacks(self), []
+        self.callbacks, started = callbacks if callbacks is not None else default_callbacks(self), []
         try:
             for cb in self.callbacks:
                 cb.on_fit_start(self)

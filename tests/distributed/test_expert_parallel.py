@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from moe_train.config import ConfigError, ParallelConfig
+from moe_train.parallel.spawn import RankFailed, run_ranks
 from moe_train.parallel.topology import Topology
 from tests.conftest import TINY
 from tests.distributed import workers
-from tests.distributed.launch import RankFailed, run_ranks
 
 
 @pytest.mark.parametrize("ep", [2, 4])
@@ -24,7 +24,9 @@ def test_dispatcher_round_trip(tmp_path, ep):
 
 @pytest.mark.parametrize("ep,capacity_factor", [(2, None), (4, None), (2, 1.0)])
 def test_moe_layer_matches_single_process(tmp_path, ep, capacity_factor):
-    run_ranks(ep, workers.moe_layer_matches_single_process, ep, capacity_factor, tmp_path, result_dir=tmp_path)
+    run_ranks(
+        ep, workers.moe_layer_matches_single_process, ep, capacity_factor, tmp_path, result_dir=tmp_path
+    )
     assert len(list(tmp_path.glob("rank*.ok"))) == ep
 
 
@@ -59,7 +61,9 @@ def assert_same_run(metrics, params, ref_metrics, ref_params, rtol=1e-5):
     if params is not None:
         assert params.keys() == ref_params.keys()
         for k in ref_params:
-            torch.testing.assert_close(params[k], ref_params[k], rtol=rtol, atol=1e-6, msg=lambda s: f"{k}: {s}")
+            torch.testing.assert_close(
+                params[k], ref_params[k], rtol=rtol, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +100,9 @@ def test_checkpoint_written_at_ep2_resumes_at_ep1_and_ep4(tmp_path, reference_ru
 
 def test_world_size_must_be_divisible_by_ep(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "6")
-    with pytest.raises(ConfigError, match=r"parallel.ep=4 must divide the world size 6 .* allowed ep values: 1, 2, 3, 6"):
+    with pytest.raises(
+        ConfigError, match=r"parallel.ep=4 must divide the world size 6 .* allowed ep values: 1, 2, 3, 6"
+    ):
         Topology.setup(ParallelConfig(ep=4), "cpu")
 
 

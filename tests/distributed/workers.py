@@ -55,7 +55,7 @@ def moe_layer_matches_single_process(rank, ep, capacity_factor, result_dir):
             dist.all_reduce(g)  # every rank's tokens reach the experts through the all-to-all
             g = g[topo.ep_rank * El : (topo.ep_rank + 1) * El]
         g_ep = p_ep.grad if p_ep.grad is not None else torch.zeros_like(p_ep)
-        torch.testing.assert_close(g_ep, g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g_ep, g, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     Path(result_dir, f"rank{rank}.ok").write_text("ok")
 
 
@@ -105,3 +105,22 @@ def peer_fails_during_all_to_all(rank, how, result_dir):
         moe(torch.randn(8, 16))
     finally:
         Path(result_dir, "elapsed").write_text(str(time.monotonic() - started))
+
+
+def train_until_signalled(rank, overrides, result_dir):
+    """Rank 1 signals itself with SIGUSR1 after its 3rd step; every rank must stop at that step."""
+    import signal
+
+    from moe_train.tools.hydra_config import compose_config
+    from moe_train.train.callbacks import Callback, default_callbacks
+    from moe_train.train.trainer import Trainer
+
+    class SignalAtStep3(Callback):
+        def on_step_end(self, trainer, metrics):
+            if rank == 1 and metrics["step"] == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    config = compose_config(overrides)
+    trainer = Trainer(config, Topology.setup(config.parallel, "cpu"))
+    trainer.fit([SignalAtStep3(), *default_callbacks(trainer)])
+    Path(result_dir, f"rank{rank}.step").write_text(str(trainer.progress.step))

@@ -65,14 +65,31 @@ def test_resume_from_checkpoint_of_another_model_fails_clearly(tmp_path, tiny_ov
     train([*tiny_overrides, "trainer.max_steps=1"])
     ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
     with pytest.raises(ConfigError, match="cannot load checkpoint"):
-        train([*tiny_overrides[:-1], f"trainer.out_dir={tmp_path / 'other'}", "model.dim=32",
-               f"trainer.resume={ckpt}", "trainer.max_steps=2"])
+        train(
+            [
+                *tiny_overrides[:-1],
+                f"trainer.out_dir={tmp_path / 'other'}",
+                "model.dim=32",
+                f"trainer.resume={ckpt}",
+                "trainer.max_steps=2",
+            ]
+        )
 
 
 def test_metrics_have_the_documented_keys(tmp_path, tiny_overrides):
     metrics = train([*tiny_overrides, "trainer.max_steps=3", "trainer.eval_every=3"])
     last = metrics[-1]
-    for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec", "val_loss"):
+    for key in (
+        "step",
+        "loss",
+        "lm_loss",
+        "aux_loss",
+        "z_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+        "val_loss",
+    ):
         assert key in last
     load = last["expert_load/layer_0"]
     assert len(load) == 8 and abs(sum(load) - 1) < 1e-3
@@ -81,8 +98,9 @@ def test_metrics_have_the_documented_keys(tmp_path, tiny_overrides):
 
 def cli(*args, cwd=ROOT):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_trains_writes_metrics_and_prints_samples(tmp_path, tiny_overrides):

@@ -2,23 +2,53 @@
 
 import pytest
 
-from moe_train.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainerConfig
+from moe_train.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    MoEConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainerConfig,
+)
 from moe_train.tools.hydra_config import compose_config
 
 
 @pytest.mark.parametrize(
     "build,message",
     [
-        (lambda: MoEConfig(num_experts=8, top_k=9), "model.moe.top_k=9 must be between 1 and model.moe.num_experts=8"),
+        (
+            lambda: MoEConfig(num_experts=8, top_k=9),
+            "model.moe.top_k=9 must be between 1 and model.moe.num_experts=8",
+        ),
         (lambda: ModelConfig(dim=100, num_heads=8), "model.dim=100 must be divisible by model.num_heads=8"),
-        (lambda: ModelConfig(num_heads=8, num_kv_heads=3), "model.num_heads=8 must be divisible by model.num_kv_heads=3"),
+        (
+            lambda: ModelConfig(num_heads=8, num_kv_heads=3),
+            "model.num_heads=8 must be divisible by model.num_kv_heads=3",
+        ),
         (lambda: OptimConfig(lr=-1e-3), "optim.lr=-0.001 must be a positive number"),
-        (lambda: TrainerConfig(global_batch_size=10, micro_batch_size=4), "trainer.global_batch_size=10 must be divisible by trainer.micro_batch_size=4"),
-        (lambda: TrainerConfig(device="tpu"), "trainer.device='tpu' is not allowed; choose one of auto, cpu, cuda"),
+        (
+            lambda: TrainerConfig(global_batch_size=10, micro_batch_size=4),
+            "trainer.global_batch_size=10 must be divisible by trainer.micro_batch_size=4",
+        ),
+        (
+            lambda: TrainerConfig(device="tpu"),
+            "trainer.device='tpu' is not allowed; choose one of auto, cpu, cuda",
+        ),
         (lambda: DataConfig(seq_len=0), "data.seq_len=0 must be > 0"),
-        (lambda: Config(model=ModelConfig(max_seq_len=64), data=DataConfig(seq_len=128)), "data.seq_len=128 must be <= model.max_seq_len=64"),
-        (lambda: Config(model=ModelConfig(moe=MoEConfig(num_experts=8)), parallel=ParallelConfig(ep=3)), "model.moe.num_experts=8 must be divisible by parallel.ep=3"),
-        (lambda: Config(model=ModelConfig(moe=MoEConfig(num_experts=8)), parallel=ParallelConfig(ep=16)), "model.moe.num_experts=8 must be divisible by parallel.ep=16"),
+        (
+            lambda: Config(model=ModelConfig(max_seq_len=64), data=DataConfig(seq_len=128)),
+            "data.seq_len=128 must be <= model.max_seq_len=64",
+        ),
+        (
+            lambda: Config(model=ModelConfig(moe=MoEConfig(num_experts=8)), parallel=ParallelConfig(ep=3)),
+            "model.moe.num_experts=8 must be divisible by parallel.ep=3",
+        ),
+        (
+            lambda: Config(model=ModelConfig(moe=MoEConfig(num_experts=8)), parallel=ParallelConfig(ep=16)),
+            "model.moe.num_experts=8 must be divisible by parallel.ep=16",
+        ),
         (lambda: MoEConfig(num_experts=8, capacity_factor=0.0), "model.moe.capacity_factor=0.0 must be > 0"),
     ],
 )

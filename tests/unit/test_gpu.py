@@ -50,8 +50,16 @@ def test_train_steps_bf16_on_gpu(tmp_path):
     from moe_train.train.trainer import run
     from tests.conftest import TINY
 
-    config = compose_config([*TINY, f"trainer.out_dir={tmp_path}", "trainer.max_steps=8", "trainer.device=cuda",
-                             "model.dim=128", "model.ffn_hidden_dim=256"])
+    config = compose_config(
+        [
+            *TINY,
+            f"trainer.out_dir={tmp_path}",
+            "trainer.max_steps=8",
+            "trainer.device=cuda",
+            "model.dim=128",
+            "model.ffn_hidden_dim=256",
+        ]
+    )
     run(config)
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 8

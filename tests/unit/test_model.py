@@ -49,14 +49,22 @@ def test_rotary_preserves_norm_and_relative_position():
 
 
 def test_layer_placement_first_k_dense_and_every_n():
-    config = ModelConfig(num_layers=6, moe=MoEConfig(num_experts=4, top_k=2, first_k_dense=1, every_n_layers=2))
+    config = ModelConfig(
+        num_layers=6, moe=MoEConfig(num_experts=4, top_k=2, first_k_dense=1, every_n_layers=2)
+    )
     assert Transformer(config).moe_layer_ids == [2, 4]
     assert Transformer(ModelConfig(num_layers=3)).moe_layer_ids == []
 
 
 def test_forward_shapes_losses_and_tied_embeddings():
-    config = ModelConfig(dim=32, num_heads=4, ffn_hidden_dim=64, max_seq_len=16, tie_embeddings=True,
-                         moe=MoEConfig(num_experts=4, top_k=2))
+    config = ModelConfig(
+        dim=32,
+        num_heads=4,
+        ffn_hidden_dim=64,
+        max_seq_len=16,
+        tie_embeddings=True,
+        moe=MoEConfig(num_experts=4, top_k=2),
+    )
     model = Transformer(config)
     out = model(torch.randint(0, 256, (3, 16)))
     assert out.logits.shape == (3, 16, 256)
@@ -68,8 +76,16 @@ def test_forward_shapes_losses_and_tied_embeddings():
 
 def test_counts_by_hand():
     # 2 layers, dim 8, vocab 10, 4 experts of hidden 6, top 2, 1 shared, GQA 2 heads / 1 kv head
-    config = ModelConfig(vocab_size=10, dim=8, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_dim=6,
-                         max_seq_len=4, moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1))
+    config = ModelConfig(
+        vocab_size=10,
+        dim=8,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        ffn_hidden_dim=6,
+        max_seq_len=4,
+        moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1),
+    )
     size = model_size(Transformer(config), seq_len=4)
     attention = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8  # wq, wk, wv, wo
     expert = 3 * 8 * 6

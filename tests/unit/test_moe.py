@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_train.model.moe import (
-    MoE,
     LocalDispatcher,
+    MoE,
     Routing,
     load_balancing_loss,
     router_z_loss,

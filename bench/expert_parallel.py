@@ -1,0 +1,101 @@
+"""Expert-parallel scaling of one MoE layer, forward and backward, on CPU processes (gloo).
+
+    python -m bench.expert_parallel [--tokens 2048] [--eps 1 2 4]
+
+Each rank routes its own `tokens`; at ep > 1 every layer call moves rows with all_to_all_single.
+Reports global tokens/s, bytes each rank sends to other ranks per call (forward + backward: counts,
+tokens, expert outputs and their gradients) and the share of the call spent inside all-to-all.
+On a 2-core machine ep=4 oversubscribes the cores: compare the communication columns, not speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import print_table, write_json
+from moe_train.parallel.spawn import run_ranks
+
+SHAPE = dict(dim=512, hidden=1792, experts=8, top_k=2)  # Mixtral-like, width / 8
+
+
+def rank_main(rank: int, ep: int, tokens: int, repeat: int, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    import moe_train.parallel.expert_parallel as expert_parallel
+    from moe_train.config import ParallelConfig
+    from moe_train.model.moe import MoE
+    from moe_train.parallel.topology import Topology
+
+    topology = Topology.setup(ParallelConfig(ep=ep), "cpu")
+    torch.manual_seed(0)
+    layer = MoE(SHAPE["dim"], SHAPE["hidden"], SHAPE["experts"], SHAPE["top_k"])
+    expert_parallel.apply_expert_parallel(layer, topology)
+    torch.manual_seed(rank)
+    x = torch.randn(tokens, SHAPE["dim"], requires_grad=True)
+
+    stats = {"seconds": 0.0, "bytes": 0}
+    exchange = expert_parallel._all_to_all
+
+    def counted(t, output_splits, input_splits, group, what):
+        start = time.perf_counter()
+        out = exchange(t, output_splits, input_splits, group, what)
+        stats["seconds"] += time.perf_counter() - start
+        me = dist.get_rank(group)
+        row_bytes = t[0].numel() * t.element_size() if t.shape[0] else 0
+        stats["bytes"] += sum(n for r, n in enumerate(input_splits) if r != me) * row_bytes
+        return out
+
+    expert_parallel._all_to_all = counted
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        out, _ = layer(x)
+        out.sum().backward()
+
+    for _ in range(2):
+        step()
+    stats.update(seconds=0.0, bytes=0)
+    if topology.distributed:
+        dist.barrier()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        step()
+    elapsed = (time.perf_counter() - start) / repeat
+    result = {"step_s": elapsed, "a2a_s": stats["seconds"] / repeat, "bytes": stats["bytes"] / repeat}
+    Path(result_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
+    parser.add_argument("--eps", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    rows = []
+    for ep in args.eps:
+        with tempfile.TemporaryDirectory() as result_dir:
+            run_ranks(ep, rank_main, ep, args.tokens, args.repeat, result_dir, result_dir=result_dir)
+            ranks = [json.loads(Path(result_dir, f"rank{r}.json").read_text()) for r in range(ep)]
+        step_s = max(r["step_s"] for r in ranks)
+        rows.append({
+            "ep": ep,
+            "processes": ep,
+            "tokens_per_rank": args.tokens,
+            "step_ms": step_s * 1e3,
+            "tokens_per_s": ep * args.tokens / step_s,
+            "sent_MB_per_rank": sum(r["bytes"] for r in ranks) / ep / 1e6,
+            "a2a_share": sum(r["a2a_s"] / r["step_s"] for r in ranks) / ep,
+        })
+    print(__doc__.strip().splitlines()[0])
+    print_table(rows, list(rows[0]))
+    write_json("expert_parallel", {"shape": SHAPE, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

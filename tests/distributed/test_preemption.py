@@ -1,0 +1,74 @@
+"""Slurm-style preemption: SIGUSR1/SIGTERM -> finish the step, checkpoint, exit cleanly, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from moe_train.parallel.spawn import run_ranks
+from tests.conftest import TINY
+from tests.distributed import workers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_signal_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    out_dir = tmp_path / "run"
+    overrides = [
+        *TINY,
+        f"trainer.out_dir={out_dir}",
+        "trainer.max_steps=50",
+        "trainer.ckpt_every=0",
+        "trainer.eval_every=0",
+        "parallel.ep=2",
+    ]
+    run_ranks(2, workers.train_until_signalled, overrides, tmp_path, result_dir=tmp_path)
+    assert {(tmp_path / f"rank{r}.step").read_text() for r in range(2)} == {"3"}
+    assert [p.name for p in (out_dir / "checkpoints").iterdir()] == ["step_00000003"]
+
+
+def test_sigterm_to_a_cli_run_checkpoints_exits_zero_and_resumes(tmp_path):
+    out_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        f"trainer.out_dir={out_dir}",
+        "trainer.max_steps=400",
+        "trainer.ckpt_every=0",
+        "trainer.eval_every=0",
+        "trainer.num_samples=0",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    metrics = out_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "SIGTERM received" in output
+    stopped = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert [p.name for p in (out_dir / "checkpoints").iterdir()] == [f"step_{stopped:08d}"]
+    assert stopped < 400
+
+    resumed = subprocess.run(
+        [sys.executable, "train.py", *args, "trainer.max_steps=" + str(stopped + 2)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, stopped + 3))
