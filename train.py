@@ -9,6 +9,7 @@ A configuration mistake prints one line naming the key and exits with code 2.
 """
 
 import logging
+import os
 import sys
 
 import hydra
@@ -41,7 +42,10 @@ def preflight(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    logging.getLogger("moe_train").setLevel(logging.INFO)
+    # rank 0 tells the story; the other ranks speak up only for warnings
+    logging.getLogger("moe_train").setLevel(
+        logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    )
     register_schema()
     preflight(sys.argv[1:])
     main()

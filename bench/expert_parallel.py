@@ -83,15 +83,17 @@ def main() -> None:
             run_ranks(ep, rank_main, ep, args.tokens, args.repeat, result_dir, result_dir=result_dir)
             ranks = [json.loads(Path(result_dir, f"rank{r}.json").read_text()) for r in range(ep)]
         step_s = max(r["step_s"] for r in ranks)
-        rows.append({
-            "ep": ep,
-            "processes": ep,
-            "tokens_per_rank": args.tokens,
-            "step_ms": step_s * 1e3,
-            "tokens_per_s": ep * args.tokens / step_s,
-            "sent_MB_per_rank": sum(r["bytes"] for r in ranks) / ep / 1e6,
-            "a2a_share": sum(r["a2a_s"] / r["step_s"] for r in ranks) / ep,
-        })
+        rows.append(
+            {
+                "ep": ep,
+                "processes": ep,
+                "tokens_per_rank": args.tokens,
+                "step_ms": step_s * 1e3,
+                "tokens_per_s": ep * args.tokens / step_s,
+                "sent_MB_per_rank": sum(r["bytes"] for r in ranks) / ep / 1e6,
+                "a2a_share": sum(r["a2a_s"] / r["step_s"] for r in ranks) / ep,
+            }
+        )
     print(__doc__.strip().splitlines()[0])
     print_table(rows, list(rows[0]))
     write_json("expert_parallel", {"shape": SHAPE, "rows": rows})

@@ -208,7 +208,7 @@ class TrainerConfig:
     precision: str = "auto"
     """`auto` (bf16 autocast on GPU, fp32 on CPU), `fp32` or `bf16`."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile each transformer block (the expert dispatch and the experts stay eager)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
     eval_every: int = 100

@@ -217,13 +217,17 @@ class MoE(nn.Module):
         )
         self.dispatcher = LocalDispatcher(num_experts, top_k, capacity_factor)
 
+    @torch.compiler.disable  # data-dependent shapes: torch.compile covers the rest of the block
+    def _routed(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, int]:
+        x_sorted, tokens_per_local_expert, state = self.dispatcher.dispatch(x, routing)
+        y_sorted = self.experts(x_sorted, tokens_per_local_expert)
+        return self.dispatcher.combine(y_sorted, state), state.num_dropped
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         routing = self.router(x)
-        x_sorted, tokens_per_local_expert, state = self.dispatcher.dispatch(x, routing)
-        y_sorted = self.experts(x_sorted, tokens_per_local_expert)
-        out = self.dispatcher.combine(y_sorted, state)  # (N, D)
+        out, num_dropped = self._routed(x, routing)  # (N, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
 
@@ -232,6 +236,6 @@ class MoE(nn.Module):
             aux_loss=load_balancing_loss(routing.probs, tokens_per_expert, self.top_k),
             z_loss=router_z_loss(routing.logits),
             tokens_per_expert=tokens_per_expert.detach(),
-            dropped=state.num_dropped,
+            dropped=num_dropped,
         )
         return out.view(shape), stats

@@ -63,6 +63,7 @@ class MetricsWriter:
                 mode=wandb_cfg.mode,
                 dir=str(out_dir),
                 config=asdict(config),
+                settings=wandb.Settings(quiet=True),
             )
 
     def log(self, metrics: dict) -> None:

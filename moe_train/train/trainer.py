@@ -54,7 +54,9 @@ class Trainer:
         apply_expert_parallel(self.model, topology)
         self.model.to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        if t.compile:  # per block, in place (state-dict keys unchanged); expert dispatch stays eager
+            for block in self.model.layers:
+                block.compile()
         self.grad_sync = GradientSync(self.model, topology)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.checkpointer = Checkpointer(t.out_dir, topology, t.keep_last)
@@ -141,7 +143,7 @@ class Trainer:
         for micro in batch.split(t.micro_batch_size):
             micro = micro.to(self.device, non_blocking=True)
             with self.autocast():
-                out = self.forward(micro[:, :-1])
+                out = self.model(micro[:, :-1])
                 lm = lm_loss(out.logits, micro[:, 1:])
             loss = lm + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.z_loss
             (loss / self.micro_batches_per_step).backward()
@@ -209,7 +211,7 @@ class Trainer:
         for micro in mine.split(t.micro_batch_size):
             micro = micro.to(self.device)
             with self.autocast():
-                total += lm_loss(self.forward(micro[:, :-1]).logits, micro[:, 1:])
+                total += lm_loss(self.model(micro[:, :-1]).logits, micro[:, 1:])
         self.model.train()
         num_micro_batches = t.eval_batches * self.micro_batches_per_step * topo.world_size
         return (topo.all_reduce(total) / num_micro_batches).item()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,28 @@ def test_cli_bad_input_one_line_exit_2(args, message, tmp_path):
     assert result.stderr.strip().startswith(message)
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "checkpoints").exists()
+
+
+def torchrun(*args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    return subprocess.run(
+        [*command, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_torchrun_two_processes_expert_parallel(tmp_path, tiny_overrides):
+    """The real launcher: torchrun's environment, gloo, rank 0 alone writes metrics and logs."""
+    result = torchrun(*tiny_overrides, "parallel.ep=2", "trainer.max_steps=3", "trainer.eval_every=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert "val_loss" in metrics[-1]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003" / ".metadata").is_file()
+    assert (result.stdout + result.stderr).count("saved ") == 1
+
+    bad = torchrun(*tiny_overrides, "parallel.ep=4", "trainer.max_steps=3")
+    assert bad.returncode != 0
+    assert "error: parallel.ep=4 must divide the world size 2" in bad.stderr

@@ -116,3 +116,31 @@ def test_full_size_presets_match_published_counts(preset):
     assert abs(counts["total_params"] - total) <= max(0.01 * total, total_unit)
     if active is not None:
         assert abs(counts["active_params"] - active) <= max(0.01 * active, active_unit)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    config = ModelConfig(
+        dim=32,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_dim=48,
+        max_seq_len=16,
+        moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1),
+    )
+    torch.manual_seed(0)
+    model = Transformer(config)
+    tokens = torch.randint(0, 256, (2, 16))
+
+    def loss_and_grads(checkpointing):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        out = model(tokens)
+        loss = out.logits.logsumexp(-1).mean() + out.aux_loss + out.z_loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    assert torch.equal(loss, loss_ckpt)
+    for g, g_ckpt in zip(grads, grads_ckpt):
+        torch.testing.assert_close(g_ckpt, g)
