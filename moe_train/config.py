@@ -306,6 +306,11 @@ class Config:
         moe = self.model.moe
         if moe.num_experts:
             _check(
+                self.parallel.ep <= moe.num_experts,
+                f"parallel.ep={self.parallel.ep} is larger than model.moe.num_experts={moe.num_experts}: "
+                "every expert-parallel rank needs at least one expert",
+            )
+            _check(
                 moe.num_experts % self.parallel.ep == 0,
                 f"model.moe.num_experts={moe.num_experts} must be divisible by "
                 f"parallel.ep={self.parallel.ep}",

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from moe_train.parallel.topology import Topology
+from moe_train.parallel.topology import Topology, named_collective
 
 BUCKET_BYTES = 64 * 2**20
 
@@ -55,10 +55,11 @@ class GradientSync:
         topo = self.topology
         if not topo.distributed:
             return
-        for params, group in ((self.dense, None), (self.expert, topo.edp_group)):
+        for params, group, what in ((self.dense, None, "dense"), (self.expert, topo.edp_group, "expert")):
             for bucket in _buckets(self._grads(params)):
                 flat = _flatten_dense_tensors(bucket)
-                dist.all_reduce(flat, group=group)
+                with named_collective(f"all_reduce ({what} gradients)"):
+                    dist.all_reduce(flat, group=group)
                 flat.div_(topo.world_size)
                 for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                     g.copy_(synced)
@@ -74,7 +75,7 @@ class GradientSync:
             sq += torch.stack(torch._foreach_norm(dense)).float().square().sum()
         if expert:
             expert_sq += torch.stack(torch._foreach_norm(expert)).float().square().sum()
-        self.topology.all_reduce(expert_sq, group=self.topology.ep_group)  # shards differ per rank
+        self.topology.all_reduce(expert_sq, group=self.topology.ep_group, what="gradient norm")
         total = (sq + expert_sq).sqrt()
         if max_norm > 0:
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

@@ -21,19 +21,15 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moe_train.model.moe import DispatchState, LocalDispatcher, MoE, Routing
-from moe_train.parallel.topology import Topology
+from moe_train.parallel.topology import Topology, named_collective
 
 
 def _all_to_all(
     x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, what: str
 ) -> torch.Tensor:
     out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    try:
+    with named_collective(f"expert-parallel all_to_all_single ({what})"):
         dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-    except RuntimeError as e:  # a peer died or timed out: say which collective it was
-        raise RuntimeError(
-            f"expert-parallel all_to_all_single ({what}) failed on rank {dist.get_rank()}: {e}"
-        ) from e
     return out
 
 

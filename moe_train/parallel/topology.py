@@ -8,7 +8,9 @@ the whole world is data parallel, and every rank reads its own share of each glo
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,6 +19,16 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_train.config import ConfigError, ParallelConfig
+
+
+@contextlib.contextmanager
+def named_collective(what: str) -> Iterator[None]:
+    """A peer that died or timed out surfaces as an error naming the collective that waited."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo and NCCL errors (DistBackendError) are RuntimeErrors
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise RuntimeError(f"{what} failed on rank {rank}: {e}") from e
 
 
 def _launcher_env() -> tuple[int, int, int]:
@@ -101,20 +113,24 @@ class Topology:
     def edp_group(self) -> dist.ProcessGroup | None:
         return self.mesh.get_group("edp") if self.mesh is not None else None
 
-    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    def all_reduce(
+        self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None, what: str = "metrics"
+    ) -> torch.Tensor:
         """In-place all-reduce over `group` (default: the world); a no-op on one process."""
         if self.distributed:
-            dist.all_reduce(tensor, op=op, group=group)
+            with named_collective(f"all_reduce ({what})"):
+                dist.all_reduce(tensor, op=op, group=group)
         return tensor
 
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank (how ranks agree to stop)."""
         t = torch.tensor([float(flag)], device=self.device)
-        return bool(self.all_reduce(t, op=dist.ReduceOp.MAX).item())
+        return bool(self.all_reduce(t, op=dist.ReduceOp.MAX, what="stop flag").item())
 
-    def barrier(self) -> None:
+    def barrier(self, what: str = "barrier") -> None:
         if self.distributed:
-            dist.barrier()
+            with named_collective(what):
+                dist.barrier()
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -105,9 +105,9 @@ class Checkpointer:
         if topo.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        topo.barrier()
+        topo.barrier("barrier (checkpoint start)")
         dcp.save(self._state(model, optimizer, progress), checkpoint_id=tmp, no_dist=not topo.distributed)
-        topo.barrier()  # every rank's shards are on disk
+        topo.barrier("barrier (checkpoint shards written)")
         if topo.is_main:
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
             old = final.with_name(final.name + ".old")
@@ -117,7 +117,7 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
             for stale in self.complete()[: -self.keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
-        topo.barrier()
+        topo.barrier("barrier (checkpoint renamed)")
         return final
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Progress:

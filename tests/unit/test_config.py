@@ -47,7 +47,7 @@ from moe_train.tools.hydra_config import compose_config
         ),
         (
             lambda: Config(model=ModelConfig(moe=MoEConfig(num_experts=8)), parallel=ParallelConfig(ep=16)),
-            "model.moe.num_experts=8 must be divisible by parallel.ep=16",
+            "parallel.ep=16 is larger than model.moe.num_experts=8",
         ),
         (lambda: MoEConfig(num_experts=8, capacity_factor=0.0), "model.moe.capacity_factor=0.0 must be > 0"),
     ],
