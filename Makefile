@@ -30,6 +30,7 @@ format: setup
 	$(BIN)/ruff format .
 
 bench: setup
+	$(BIN)/python -m bench.data
 	$(BIN)/python -m bench.moe_layer
 	$(BIN)/python -m bench.expert_parallel
 	$(BIN)/python -m bench.train_e2e model=mixtral_tiny

@@ -81,8 +81,8 @@ class MoEConfig:
 class ModelConfig:
     name: str = "model"
     """Preset name; names the run directory by default."""
-    vocab_size: int = 256
-    """Vocabulary size (256 for the byte-level tokenizer)."""
+    vocab_size: int | None = None
+    """Vocabulary size; None follows the tokenizer of the data."""
     dim: int = 256
     """Residual stream width."""
     num_layers: int = 4
@@ -109,9 +109,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        for key in ("vocab_size", "dim", "num_layers", "num_heads", "ffn_hidden_dim", "max_seq_len"):
+        for key in ("dim", "num_layers", "num_heads", "ffn_hidden_dim", "max_seq_len"):
             value = getattr(self, key)
             _check(value > 0, f"model.{key}={value} must be > 0")
+        _check(
+            self.vocab_size is None or self.vocab_size > 0, f"model.vocab_size={self.vocab_size} must be > 0"
+        )
         _check(
             self.dim % self.num_heads == 0,
             f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}",
@@ -149,16 +152,56 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "stdlib"
-    """Corpus: `stdlib` is the Python standard library's sources, present wherever Python is."""
+    """`stdlib`: the Python standard library's sources (present wherever Python is), prepared once into
+    an indexed dataset with a BPE trained on them; `stdlib_bytes`: the same files byte-level, in
+    memory; `indexed`: corpora prepared with `python -m moe_train.tools.prepare_data`, in `prefixes`."""
     seq_len: int = 256
     """Tokens per training sequence."""
-    val_fraction: float = 0.02
-    """Share of the corpus's files held out for validation (chosen by a hash of the path)."""
+    prefixes: list[str] = field(default_factory=list)
+    """data=indexed: dataset paths without .bin/.idx."""
+    weights: list[float] | None = None
+    """data=indexed: sampling weight of each prefix (None: in proportion to their sizes)."""
+    split: str = "98,2,0"
+    """Train, validation, test weights over each corpus's documents (stdlib_bytes: over files)."""
+    tokenizer: str | None = None
+    """data=indexed: a tokenizer.json; None uses the one beside the first prefix."""
+    vocab_size: int = 4096
+    """data=stdlib: vocabulary of the byte-level BPE trained on the corpus."""
+    cache_dir: str = "~/.cache/moe_train"
+    """Where the stdlib corpus is prepared and megatron's sample indices are cached."""
 
     def __post_init__(self) -> None:
-        _one_of("data.name", self.name, ("stdlib",))
+        _one_of("data.name", self.name, ("stdlib", "stdlib_bytes", "indexed"))
         _check(self.seq_len > 0, f"data.seq_len={self.seq_len} must be > 0")
-        _check(0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        _check(self.vocab_size > 256, f"data.vocab_size={self.vocab_size} must be > 256 (a byte-level BPE)")
+        weights = _split_weights(self.split)
+        _check(
+            len(weights) == 3 and min(weights) >= 0 and weights[1] > 0,
+            f"data.split={self.split!r} must be three weights train,validation,test with validation > 0 "
+            "(e.g. 98,2,0)",
+        )
+        if self.name == "indexed":
+            _check(
+                bool(self.prefixes), "data.prefixes must list at least one prepared corpus for data=indexed"
+            )
+        if self.weights is not None:
+            _check(
+                len(self.weights) == len(self.prefixes),
+                f"data.weights has {len(self.weights)} entries but data.prefixes has {len(self.prefixes)}",
+            )
+            _check(all(w > 0 for w in self.weights), f"data.weights={self.weights} must all be > 0")
+
+    @property
+    def val_fraction(self) -> float:
+        train, val, test = _split_weights(self.split)
+        return val / (train + val + test)
+
+
+def _split_weights(split: str) -> list[float]:
+    try:
+        return [float(w) for w in split.split(",")]
+    except ValueError:
+        return []
 
 
 @dataclass
@@ -190,7 +233,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 500
+    max_steps: int = 350
     """Optimizer steps of the whole run; the LR schedule follows it."""
     global_batch_size: int = 8
     """Sequences per optimizer step over all ranks."""

@@ -3,6 +3,7 @@ import pytest
 # A model small enough that a few steps take a second on 2 CPU cores.
 TINY = [
     "model=mixtral_tiny",
+    "data=stdlib_bytes",
     "model.dim=64",
     "model.num_layers=2",
     "model.num_heads=4",

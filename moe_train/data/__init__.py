@@ -1,6 +1,6 @@
-"""Corpora, tokenizers and loaders with a resumable position."""
+"""Corpora, tokenizers, prepared datasets and the sample streams the trainer reads."""
 
-from moe_train.data.loader import PackedSequences, TrainBatches, build_datasets
-from moe_train.data.tokenizer import ByteTokenizer
+from moe_train.data.loader import Datasets, PackedSequences, TrainBatches, build_datasets
+from moe_train.data.tokenizer import ByteTokenizer, HFTokenizer
 
-__all__ = ["ByteTokenizer", "PackedSequences", "TrainBatches", "build_datasets"]
+__all__ = ["ByteTokenizer", "Datasets", "HFTokenizer", "PackedSequences", "TrainBatches", "build_datasets"]

@@ -1,17 +1,30 @@
-"""Packed sequences and the shuffled training stream, addressed by global sample index.
+"""What the trainer reads: a tokenizer and train / validation samples addressed by global index.
 
-The stream is a pure function of (seed, sample index): epoch e is a seeded permutation of all
-sequences, so the data position is one integer (samples consumed) and a resumed run, or a run with
-more ranks, reads exactly the samples an uninterrupted single-process run would.
+Either stream is a pure function of (seed, sample index), so the data position is one integer
+(samples consumed) and a resumed run, or a run with more ranks, reads exactly the samples an
+uninterrupted single-process run would. Prepared corpora go through megatron-core's GPTDataset
+(indexed.py); the byte-level stdlib corpus through PackedSequences + TrainBatches below.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
 import torch
 
-from moe_train.config import ConfigError, DataConfig
-from moe_train.data.stdlib import load_stdlib_corpus
-from moe_train.data.tokenizer import ByteTokenizer
+from moe_train.config import Config, ConfigError
+from moe_train.data.indexed import build_gpt_datasets
+from moe_train.data.stdlib import load_stdlib_bytes, prepare_stdlib
+from moe_train.data.tokenizer import ByteTokenizer, HFTokenizer
+from moe_train.parallel.topology import Topology
+
+
+class Samples(Protocol):
+    def samples(self, start: int, count: int) -> torch.Tensor:
+        """Samples [start, start + count) as (count, seq_len + 1) int64 token windows."""
+        ...
 
 
 class PackedSequences:
@@ -34,10 +47,6 @@ class PackedSequences:
         starts = indices * self.seq_len  # (n,)
         offsets = torch.arange(self.seq_len + 1)  # (T + 1,)
         return self.tokens[starts[:, None] + offsets].long()
-
-    def evenly_spaced(self, count: int) -> torch.Tensor:
-        """count sequences spread over the whole split (wrapping if count exceeds it)."""
-        return self.get(torch.arange(count) * max(1, len(self) // count) % len(self))
 
 
 class TrainBatches:
@@ -65,11 +74,57 @@ class TrainBatches:
         return self.data.get(indices)
 
 
-def build_datasets(config: DataConfig) -> tuple[ByteTokenizer, dict[str, PackedSequences]]:
-    tokenizer = ByteTokenizer()
-    corpus = load_stdlib_corpus(config.val_fraction, tokenizer.eos_id)
-    splits = {
-        split: PackedSequences(torch.from_numpy(tokens.copy()), config.seq_len, split)
-        for split, tokens in corpus.items()
-    }
-    return tokenizer, splits
+def tokenizer_vocab_size(config: Config) -> int:
+    """The vocabulary the data's tokenizer will have, without preparing anything (for counting)."""
+    data = config.data
+    if data.name == "stdlib_bytes":
+        return ByteTokenizer.vocab_size
+    if data.name == "stdlib":
+        return data.vocab_size
+    return HFTokenizer(data.tokenizer or Path(data.prefixes[0]).parent / "tokenizer.json").vocab_size
+
+
+@dataclass
+class Datasets:
+    tokenizer: ByteTokenizer | HFTokenizer
+    train: Samples  # sample g of the run's training stream
+    val: Samples  # the validation samples, the same ones at every evaluation
+
+
+def build_datasets(config: Config, topology: Topology) -> Datasets:
+    """The tokenizer and the train / validation samples that `config.data` names."""
+    data, t = config.data, config.trainer
+    if data.name == "stdlib_bytes":
+        tokenizer = ByteTokenizer()
+        corpus = load_stdlib_bytes(data.val_fraction, tokenizer.eos_id)
+        train, val = (
+            PackedSequences(torch.from_numpy(corpus[s].copy()), data.seq_len, s) for s in ("train", "val")
+        )
+        return Datasets(tokenizer, TrainBatches(train, t.seed), TrainBatches(val, t.seed + 1))
+
+    cache_dir = Path(data.cache_dir).expanduser()
+    if data.name == "stdlib":
+        if topology.local_rank == 0:  # once per node; the others wait, then find it cached
+            prepare_stdlib(cache_dir, data.vocab_size)
+        topology.barrier("barrier (preparing the stdlib corpus)")
+        prefix, tokenizer_path = prepare_stdlib(cache_dir, data.vocab_size)
+        prefixes, weights = [str(prefix)], None
+    else:
+        prefixes, weights = data.prefixes, data.weights
+        tokenizer_path = (
+            Path(data.tokenizer) if data.tokenizer else Path(prefixes[0]).parent / "tokenizer.json"
+        )
+    tokenizer = HFTokenizer(tokenizer_path)
+    train, val = build_gpt_datasets(
+        prefixes,
+        weights,
+        data.split,
+        data.seq_len,
+        t.seed,
+        tokenizer.vocab_size,
+        tokenizer.eos_id,
+        num_train=t.max_steps * t.global_batch_size,
+        num_valid=t.eval_batches * t.global_batch_size,
+        cache_dir=cache_dir / "indices",
+    )
+    return Datasets(tokenizer, train, val)

@@ -1,12 +1,15 @@
 """The embedded default corpus: this Python's standard library sources, found through sysconfig.
 
-Every machine that runs Python has them, so the default training needs no download. Files are split
-into train and validation by a hash of their relative path, which is the same on every machine.
+Every machine that runs Python has them, so the default training needs no download. `data=stdlib`
+prepares them once into an indexed dataset with a BPE trained on them (cached under data.cache_dir);
+`data=stdlib_bytes` keeps them in memory, byte-level, split into train and validation by a hash of
+each file's path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -25,12 +28,16 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, files
 
 
+def _path_hash(relative_path: str) -> float:
+    """A number in [0, 1) fixed by the path alone: the same on every machine."""
+    return int.from_bytes(hashlib.sha1(relative_path.encode()).digest()[:8], "little") / 2**64
+
+
 def is_validation(relative_path: str, val_fraction: float) -> bool:
-    digest = hashlib.sha1(relative_path.encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+    return _path_hash(relative_path) < val_fraction
 
 
-def load_stdlib_corpus(val_fraction: float, eos_id: int) -> dict[str, np.ndarray]:
+def load_stdlib_bytes(val_fraction: float, eos_id: int) -> dict[str, np.ndarray]:
     """Byte tokens of the train and validation files, each file followed by eos_id; uint8 arrays."""
     root, files = stdlib_files()
     parts: dict[str, list[bytes]] = {"train": [], "val": []}
@@ -39,3 +46,24 @@ def load_stdlib_corpus(val_fraction: float, eos_id: int) -> dict[str, np.ndarray
         split = "val" if is_validation(path.relative_to(root).as_posix(), val_fraction) else "train"
         parts[split].append(path.read_bytes().replace(eos, b"") + eos)
     return {split: np.frombuffer(b"".join(chunks), dtype=np.uint8) for split, chunks in parts.items()}
+
+
+def prepare_stdlib(cache_dir: Path, vocab_size: int, workers: int | None = None) -> tuple[Path, Path]:
+    """Prepare the stdlib corpus once: (dataset prefix, tokenizer.json) under cache_dir.
+
+    Files are ordered by the hash of their path, so megatron's split by document ranges gives a
+    validation set drawn from the whole library rather than its alphabetical tail."""
+    from moe_train.data.prepare import prepare
+
+    root, files = stdlib_files()
+    version = f"{sys.version_info.major}{sys.version_info.minor}"
+    out_dir = cache_dir / f"stdlib-py{version}-bpe{vocab_size}"
+    prefix, tokenizer = out_dir / "stdlib", out_dir / "tokenizer.json"
+    if not (Path(f"{prefix}.idx").is_file() and tokenizer.is_file()):
+        files.sort(key=lambda p: _path_hash(p.relative_to(root).as_posix()))
+        # the BPE learns from 8 MB (files in hash order: a sample of the whole library), in seconds
+        result = prepare(
+            files, prefix, vocab_size=vocab_size, workers=workers, progress=False, bpe_sample_bytes=8_000_000
+        )
+        print(f"prepared the standard-library corpus once: {result.summary()}", flush=True)
+    return prefix, tokenizer

@@ -1,14 +1,94 @@
-"""Byte-level tokenizer: token id = byte value, so the loss in nats per token is nats per byte."""
+"""Tokenizers: byte-level (token id = byte value) and Hugging Face `tokenizers` (a local tokenizer.json,
+or a byte-level BPE trained on the corpus itself). Nothing is downloaded."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
+from moe_train.config import ConfigError
+
+# The end-of-document token a trained BPE gets, and the names recognised in a user's tokenizer.json.
+EOS_TOKEN = "<|endoftext|>"
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[EOS]")
+
 
 class ByteTokenizer:
+    """Token id = byte value, so the loss in nats per token is nats per byte."""
+
     vocab_size = 256
     eos_id = 0  # NUL never occurs in source text, so it can mark the end of a document
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i != self.eos_id).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer loaded from a local tokenizer.json."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"tokenizer {path} does not exist (expected a Hugging Face tokenizer.json)")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own exception types
+            raise ConfigError(f"tokenizer {path} cannot be read: {e}") from None
+        self.path = path
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        eos = next((t for t in EOS_CANDIDATES if t in vocab), None)
+        if eos is None:
+            raise ConfigError(
+                f"tokenizer {path} has no end-of-document token; it needs one of {', '.join(EOS_CANDIDATES)}"
+            )
+        self.eos_id = vocab[eos]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> HFTokenizer:
+    """Train a byte-level BPE (every byte is in the alphabet, so any text round-trips) with
+    `vocab_size` entries including the end-of-document token; save it to `path`.
+
+    Words are lines, not GPT-2's regex pieces: measured on this project's 2-core machine the regex
+    pre-tokenizer alone caps encoding at about 1.4 MB/s per core, while line-level words encode about
+    twice as fast and give longer tokens (4.3 vs 3.4 bytes per token on the stdlib corpus, 4.2 vs 3.1
+    on English text), since merges may cross spaces (as SentencePiece's may)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise ConfigError(
+            f"vocab_size={vocab_size} must be at least {len(alphabet) + 1} for a byte-level BPE"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", "merged_with_previous"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN], initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return HFTokenizer(path)

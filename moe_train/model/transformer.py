@@ -65,6 +65,8 @@ class ModelOutput:
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("model.vocab_size is unset: it follows the tokenizer once the data is built")
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))

@@ -14,11 +14,14 @@ import sys
 import torch
 
 from moe_train.config import Config, ConfigError
+from moe_train.data.loader import tokenizer_vocab_size
 from moe_train.model import Transformer, model_size
 from moe_train.tools.hydra_config import compose_config, exit_on_config_error
 
 
 def inspect_config(config: Config) -> dict:
+    if config.model.vocab_size is None:
+        config.model.vocab_size = tokenizer_vocab_size(config)
     with torch.device("meta"):
         model = Transformer(config.model)
     size = model_size(model, config.data.seq_len)
@@ -30,6 +33,7 @@ def inspect_config(config: Config) -> dict:
         "active_matmul_params": size.active_matmul_params,
         "flops_per_token": size.flops_per_token,
         "seq_len": config.data.seq_len,
+        "vocab_size": config.model.vocab_size,
         "num_layers": config.model.num_layers,
         "moe_layers": len(model.moe_layer_ids),
         "num_experts": moe.num_experts,

@@ -49,7 +49,7 @@ class Evaluate(Callback):
         if trainer.config.trainer.eval_every and _due(
             metrics["step"], trainer.config.trainer.eval_every, trainer
         ):
-            metrics["val_loss"] = trainer.evaluate()
+            metrics.update(trainer.evaluate())
 
 
 class LogMetrics(Callback):
@@ -60,7 +60,12 @@ class LogMetrics(Callback):
         if "val_loss" in metrics or _due(metrics["step"], trainer.config.trainer.log_every, trainer):
             self.writer.log(metrics)
         if "val_loss" in metrics:
-            log.info("step %d: val_loss %.4f", metrics["step"], metrics["val_loss"])
+            log.info(
+                "step %d: val_loss %.4f nats/token, %.4f nats/byte",
+                metrics["step"],
+                metrics["val_loss"],
+                metrics["val_loss_per_byte"],
+            )
 
     def close(self):
         self.writer.close()

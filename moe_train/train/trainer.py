@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from moe_train.config import Config, ConfigError
-from moe_train.data import TrainBatches, build_datasets
+from moe_train.data import build_datasets
 from moe_train.model import Transformer, lm_loss, model_size
 from moe_train.parallel.data_parallel import GradientSync
 from moe_train.parallel.expert_parallel import apply_expert_parallel
@@ -39,14 +39,16 @@ class Trainer:
         )
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
-        self.tokenizer, splits = build_datasets(config.data)
-        if self.tokenizer.vocab_size > config.model.vocab_size:
+        datasets = build_datasets(config, topology)
+        self.tokenizer, self.train_data, self.val_data = datasets.tokenizer, datasets.train, datasets.val
+        if config.model.vocab_size is None:  # follows the tokenizer; recorded in checkpoints' config
+            config.model.vocab_size = self.tokenizer.vocab_size
+        elif self.tokenizer.vocab_size > config.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                f"vocabulary ({self.tokenizer.vocab_size})"
+                f"vocabulary ({self.tokenizer.vocab_size}); leave it unset to follow the tokenizer"
             )
-        self.train_batches = TrainBatches(splits["train"], t.seed)
-        self.val_data = splits["val"]
+        self.val_bytes_per_token = self._bytes_per_token(self.val_data.samples(0, self._num_val_samples))
 
         torch.manual_seed(t.seed)  # every rank builds the same full model, then keeps its shard
         self.model = Transformer(config.model)
@@ -135,7 +137,8 @@ class Trainer:
         t, moe, topo = self.config.trainer, self.config.model.moe, self.topology
         per_rank = t.global_batch_size // topo.world_size
         first = self.progress.consumed_samples + topo.rank * per_rank
-        batch = self.train_batches.samples(first, per_rank)  # (per_rank, T + 1)
+        batch = self.train_data.samples(first, per_rank)  # (per_rank, T + 1)
+        data_time = time.perf_counter() - start_time
 
         self.model.train()
         losses = torch.zeros(3, device=self.device)  # lm, aux, z summed over micro-batches
@@ -181,6 +184,7 @@ class Trainer:
         tokens_per_sec = t.global_batch_size * self.config.data.seq_len / elapsed
         metrics["tokens_per_sec"] = tokens_per_sec
         metrics["step_time"] = elapsed
+        metrics["data_time"] = data_time  # reading this rank's batch: the loader must not starve the step
         if self.peak_flops:
             metrics["mfu"] = self.size.flops_per_token * tokens_per_sec / (self.peak_flops * topo.world_size)
         return metrics
@@ -198,13 +202,24 @@ class Trainer:
                 metrics[f"dropped_frac/layer_{layer}"] = dropped_frac[i].item()
         return metrics
 
+    @property
+    def _num_val_samples(self) -> int:
+        t = self.config.trainer
+        return t.eval_batches * t.global_batch_size
+
+    def _bytes_per_token(self, sequences: torch.Tensor) -> float:
+        """UTF-8 bytes per predicted token of the validation samples: turns nats/token into nats/byte."""
+        targets = sequences[:, 1:]
+        num_bytes = sum(len(self.tokenizer.decode(row.tolist()).encode("utf-8")) for row in targets)
+        return max(num_bytes, 1) / targets.numel()
+
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss over eval_batches global batches spread evenly over the validation
-        split; the same sequences at any world size, each rank taking its share like in training."""
+    def evaluate(self) -> dict[str, float]:
+        """Mean next-token loss over the validation samples (eval_batches global batches, the same at
+        every evaluation and layout, each rank taking its share as in training), per token and per byte."""
         t, topo = self.config.trainer, self.topology
         per_rank = t.global_batch_size // topo.world_size
-        sequences = self.val_data.evenly_spaced(t.eval_batches * t.global_batch_size)
+        sequences = self.val_data.samples(0, self._num_val_samples)
         mine = sequences.view(t.eval_batches, topo.world_size, per_rank, -1)[:, topo.rank].flatten(0, 1)
         self.model.eval()
         total = torch.zeros((), device=self.device)
@@ -214,7 +229,8 @@ class Trainer:
                 total += lm_loss(self.model(micro[:, :-1]).logits, micro[:, 1:])
         self.model.train()
         num_micro_batches = t.eval_batches * self.micro_batches_per_step * topo.world_size
-        return (topo.all_reduce(total) / num_micro_batches).item()
+        loss = (topo.all_reduce(total) / num_micro_batches).item()
+        return {"val_loss": loss, "val_loss_per_byte": loss / self.val_bytes_per_token}
 
 
 def run(config: Config) -> None:

@@ -50,14 +50,15 @@ def test_rotary_preserves_norm_and_relative_position():
 
 def test_layer_placement_first_k_dense_and_every_n():
     config = ModelConfig(
-        num_layers=6, moe=MoEConfig(num_experts=4, top_k=2, first_k_dense=1, every_n_layers=2)
+        vocab_size=256, num_layers=6, moe=MoEConfig(num_experts=4, top_k=2, first_k_dense=1, every_n_layers=2)
     )
     assert Transformer(config).moe_layer_ids == [2, 4]
-    assert Transformer(ModelConfig(num_layers=3)).moe_layer_ids == []
+    assert Transformer(ModelConfig(vocab_size=256, num_layers=3)).moe_layer_ids == []
 
 
 def test_forward_shapes_losses_and_tied_embeddings():
     config = ModelConfig(
+        vocab_size=256,
         dim=32,
         num_heads=4,
         ffn_hidden_dim=64,
@@ -70,7 +71,7 @@ def test_forward_shapes_losses_and_tied_embeddings():
     assert out.logits.shape == (3, 16, 256)
     assert out.tokens_per_expert.shape == (4, 4) and out.tokens_per_expert.sum() == 4 * 3 * 16 * 2
     assert model.output.weight is model.tok_embeddings.weight
-    dense = Transformer(ModelConfig(dim=32, num_heads=4, ffn_hidden_dim=64, max_seq_len=16))
+    dense = Transformer(ModelConfig(vocab_size=256, dim=32, num_heads=4, ffn_hidden_dim=64, max_seq_len=16))
     assert dense(torch.randint(0, 256, (1, 8))).aux_loss.item() == 0.0
 
 
@@ -120,6 +121,7 @@ def test_full_size_presets_match_published_counts(preset):
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     config = ModelConfig(
+        vocab_size=256,
         dim=32,
         num_heads=4,
         num_kv_heads=2,

@@ -1,0 +1,142 @@
+"""Training on prepared corpora: megatron-core's GPTDataset over IndexedDatasets, blended by weight.
+
+BlendedMegatronDatasetBuilder splits each corpus's documents into train / validation / test by the
+`data.split` weights, shuffles deterministically from the seed and caches the sample indices (built
+on rank 0 first, then loaded by the others). Sample g of the training set is the same on every run
+with the same config, so the data position is one integer, like the byte-level stream's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moe_train.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def megatron_datasets():
+    """megatron.core.datasets, imported quietly: importing megatron.core warns about optional GPU
+    packages (Transformer Engine, Apex) that its dataset code does not use."""
+    logging.getLogger("megatron").setLevel(logging.ERROR)  # its import logs GPU-package fallbacks
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(Transformer Engine|absl|Apex|megatron-core).*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import megatron.core.datasets.blended_megatron_dataset_builder
+        import megatron.core.datasets.gpt_dataset
+        import megatron.core.datasets.indexed_dataset
+    return megatron.core.datasets
+
+
+@contextlib.contextmanager
+def _process_group():
+    """Megatron's dataset builders call torch.distributed (rank, barrier) unconditionally: give a
+    single process a world of one while they run."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def check_prefix(prefix: str | Path) -> int:
+    """PREFIX.bin and PREFIX.idx exist and agree on the number of tokens; returns that number."""
+    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+    for path in (bin_path, idx_path):
+        if not path.is_file():
+            raise ConfigError(
+                f"data.prefixes: {path} does not exist "
+                "(prepare corpora with python -m moe_train.tools.prepare_data)"
+            )
+    try:
+        index = megatron_datasets().indexed_dataset._IndexReader(str(idx_path), multimodal=False)
+    except Exception as e:  # a truncated or foreign .idx
+        raise ConfigError(f"{idx_path} is not a valid index: {e}") from None
+    expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    actual = bin_path.stat().st_size
+    if actual != expected:
+        raise ConfigError(
+            f"{bin_path} ({actual:,} bytes) does not match {idx_path} (which describes {expected:,} bytes); "
+            "prepare the corpus again"
+        )
+    return int(index.sequence_lengths.sum())
+
+
+class _TokenizerInfo:
+    """What GPTDataset asks of a tokenizer: the vocabulary size and the end-of-document id."""
+
+    def __init__(self, vocab_size: int, eod: int):
+        self.vocab_size = vocab_size
+        self.eod = eod
+        self.unique_identifiers = {"vocab_size": vocab_size, "eod": eod}  # part of the index cache key
+
+
+class GPTSamples:
+    """A GPTDataset (or blend) as (count, seq_len + 1) windows: inputs and next-token targets."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def samples(self, start: int, count: int) -> torch.Tensor:
+        if start + count > len(self.dataset):
+            raise IndexError(
+                f"samples {start}..{start + count} requested from a dataset of {len(self.dataset)}"
+            )
+        rows = []
+        for i in range(start, start + count):
+            sample = self.dataset[i]
+            rows.append(torch.cat([sample["tokens"], sample["labels"][-1:]]))
+        return torch.stack(rows)
+
+
+def build_gpt_datasets(
+    prefixes: list[str],
+    weights: list[float] | None,
+    split: str,
+    seq_len: int,
+    seed: int,
+    vocab_size: int,
+    eos_id: int,
+    num_train: int,
+    num_valid: int,
+    cache_dir: Path,
+) -> tuple[GPTSamples, GPTSamples]:
+    """Train and validation samples of the blend; every prefix is checked first."""
+    tokens = [check_prefix(prefix) for prefix in prefixes]
+    # Without weights megatron would concatenate one epoch of each corpus whatever size we ask for;
+    # weights in proportion to the corpora's tokens sample the same mix for as long as we ask.
+    weights = list(weights) if weights else tokens
+    datasets = megatron_datasets()
+    config = datasets.gpt_dataset.GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_len,
+        blend=(list(prefixes), [float(w) for w in weights]),
+        split=split,
+        path_to_cache=str(cache_dir),
+        tokenizer=_TokenizerInfo(vocab_size, eos_id),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    builder = datasets.blended_megatron_dataset_builder.BlendedMegatronDatasetBuilder(
+        datasets.gpt_dataset.GPTDataset, [num_train, num_valid, 0], lambda: True, config
+    )
+    with _process_group():
+        train, valid, _ = builder.build()
+    if train is None or valid is None or len(valid) < num_valid:
+        raise ConfigError(f"data.split={split!r} leaves no validation documents in {', '.join(prefixes)}")
+    return GPTSamples(train), GPTSamples(valid)
