@@ -96,6 +96,11 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=out_std)
             else:
                 nn.init.normal_(p, std=std)
+        self.init_rope()
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        """Fill the rotary tables (after to_empty(), say, since they are not in the state dict)."""
         cos, sin = rotary_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

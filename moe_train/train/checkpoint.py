@@ -42,10 +42,77 @@ def is_complete(path: Path) -> bool:
     return _STEP_DIR.match(path.name) is not None and (path / ".metadata").is_file()
 
 
-def load_config(checkpoint: Path) -> Config:
+def load_config(checkpoint: str | Path) -> Config:
     """The configuration a checkpoint was written with."""
+    checkpoint = Path(checkpoint)
+    if not ((checkpoint / "config.yaml").is_file() and (checkpoint / ".metadata").is_file()):
+        raise ConfigError(
+            f"{checkpoint} is not a moe_train checkpoint (a folder with .metadata and config.yaml)"
+        )
     schema = OmegaConf.structured(Config)
     return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(checkpoint / "config.yaml")))
+
+
+def _dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
+    """Load `state` in place from a DCP checkpoint, presenting expert shards as DTensors; a load
+    that does not fit this model becomes one line naming the first mismatch."""
+    distributed = topology is not None and topology.distributed
+    if topology is not None:
+        state = expert_shards_to_dtensors(state, topology)
+    try:
+        dcp.load(state, checkpoint_id=path, no_dist=not distributed)
+    except (Exception, CheckpointException) as e:  # another model's checkpoint, or a damaged one
+        raise ConfigError(f"cannot load checkpoint {path} into this model: {_reason(e)}") from e
+    return expert_shards_to_dtensors(state, topology, inverse=True) if topology is not None else state
+
+
+def load_weights(path: str | Path, model: nn.Module, topology: Topology | None = None) -> None:
+    """Model weights only, from a training checkpoint or a weights-only one, at any expert layout."""
+    path = Path(path)
+    load_config(path)  # checks it is a checkpoint
+    state = _dcp_load({"model": model.state_dict()}, path, topology)
+    model.load_state_dict(state["model"])
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run directory (its newest complete checkpoint)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        found = sorted((p for p in (path / "checkpoints").iterdir() if is_complete(p)), key=lambda p: p.name)
+        if not found:
+            raise ConfigError(f"run directory {path} has no complete checkpoint")
+        return found[-1]
+    return path
+
+
+def load_model(path: str | Path) -> tuple[Config, nn.Module]:
+    """The config and model (CPU, fp32, one process) of a checkpoint or run directory."""
+    from moe_train.model import Transformer
+
+    path = resolve_checkpoint(path)
+    config = load_config(path)
+    model = Transformer(config.model)
+    load_weights(path, model)
+    return config, model
+
+
+def save_weights(config: Config, model: nn.Module, path: str | Path) -> Path:
+    """A weights-only checkpoint from one process (what the tools write and trainer.init_from reads),
+    written aside and renamed, never over an existing folder."""
+    path = Path(path)
+    if path.exists():
+        raise ConfigError(f"{path} already exists; choose another output folder")
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp, no_dist=True)
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 def _reason(error: BaseException) -> str:
@@ -81,7 +148,7 @@ class Checkpointer:
         self.topology.barrier()
 
     def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> dict:
-        state = {
+        return {
             "model": model.state_dict(),
             "optim": get_optimizer_state_dict(model, optimizer),
             "progress": {
@@ -90,7 +157,6 @@ class Checkpointer:
                 "rng": torch.get_rng_state(),
             },
         }
-        return expert_shards_to_dtensors(state, self.topology)
 
     def save(
         self,
@@ -106,7 +172,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         topo.barrier("barrier (checkpoint start)")
-        dcp.save(self._state(model, optimizer, progress), checkpoint_id=tmp, no_dist=not topo.distributed)
+        state = expert_shards_to_dtensors(self._state(model, optimizer, progress), topo)
+        dcp.save(state, checkpoint_id=tmp, no_dist=not topo.distributed)
         topo.barrier("barrier (checkpoint shards written)")
         if topo.is_main:
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
@@ -126,12 +193,7 @@ class Checkpointer:
             raise ConfigError(
                 f"trainer.resume={path} is not a complete checkpoint (a step_XXXXXXXX folder with .metadata)"
             )
-        state = self._state(model, optimizer, Progress())
-        try:
-            dcp.load(state, checkpoint_id=path, no_dist=not self.topology.distributed)
-        except (Exception, CheckpointException) as e:  # another model's checkpoint, or a damaged one
-            raise ConfigError(f"cannot load checkpoint {path} into this model: {_reason(e)}") from e
-        state = expert_shards_to_dtensors(state, self.topology, inverse=True)
+        state = _dcp_load(self._state(model, optimizer, Progress()), path, self.topology)
         model.load_state_dict(state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
         torch.set_rng_state(state["progress"]["rng"])

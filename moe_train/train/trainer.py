@@ -7,6 +7,7 @@ Evaluation, logging, checkpointing, samples and early exits hang off callbacks
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from moe_train.parallel.data_parallel import GradientSync
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.topology import Topology
 from moe_train.train.callbacks import Callback, default_callbacks
-from moe_train.train.checkpoint import Checkpointer, Progress
+from moe_train.train.checkpoint import Checkpointer, Progress, load_config, load_weights
 from moe_train.train.metrics import peak_flops
 from moe_train.train.optim import build_optimizer, lr_at
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, config: Config, topology: Topology):
+        if config.trainer.init_from:  # the architecture comes with the weights
+            config = dataclasses.replace(config, model=load_config(config.trainer.init_from).model)
         self.config = config
         self.topology = topology
         t = config.trainer
@@ -95,6 +98,9 @@ class Trainer:
         if path is not None:
             self.progress = self.checkpointer.load(path, self.model, self.optimizer)
             log.info("resumed from %s at step %d", path, self.progress.step)
+        elif t.init_from:
+            load_weights(t.init_from, self.model, self.topology)
+            log.info("starting from the weights of %s", t.init_from)
 
     def fit(self, callbacks: list[Callback] | None = None) -> None:
         """Resume if asked, then train to trainer.max_steps (or an early exit). `callbacks`

@@ -1,0 +1,98 @@
+"""Export a checkpoint to a Hugging Face model folder (safetensors, config.json, tokenizer).
+
+    python -m moe_train.tools.export_hf CHECKPOINT_OR_RUN_DIR OUT_DIR
+
+Dense models become Llama, MoE models Mixtral, or Qwen2-MoE where Mixtral cannot express them
+(shared experts, unrenormalised top-k, dense layers; see moe_train/tools/hf.py). The folder loads with
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)` and gives our logits. It is written aside and
+renamed, so an interrupted export leaves no folder that looks complete. A capacity factor used in
+training is a training-time token budget: the exported model routes dropless.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from moe_train.config import Config, ConfigError
+from moe_train.tools import hf
+from moe_train.tools.hydra_config import exit_on_config_error
+from moe_train.train.checkpoint import load_model
+
+SHARD_SIZE = "5GB"
+
+
+def tokenizer_of(config: Config) -> Path | None:
+    """The tokenizer.json the checkpoint's training data used, if it was a Hugging Face one."""
+    data = config.data
+    if data.name == "indexed":
+        path = Path(data.tokenizer) if data.tokenizer else Path(data.prefixes[0]).parent / "tokenizer.json"
+        return path if path.is_file() else None
+    if data.name == "stdlib":
+        found = sorted(
+            Path(data.cache_dir).expanduser().glob(f"stdlib-py*-bpe{data.vocab_size}/tokenizer.json")
+        )
+        return found[-1] if found else None
+    return None  # byte-level: no Hugging Face tokenizer to ship
+
+
+def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists; choose another output folder")
+    config, model = load_model(checkpoint)
+    hf_config = hf.hf_config(config.model)  # refuses what transformers cannot compute exactly
+    tensors = hf.to_hf(config.model, model.state_dict())
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        hf_config.architectures = [type(hf_config).__name__.replace("Config", "ForCausalLM")]
+        hf_config.save_pretrained(tmp)
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=SHARD_SIZE)
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                "weight_map": split.tensor_to_filename,
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        tokenizer = tokenizer_of(config)
+        if tokenizer is not None:
+            shutil.copy(tokenizer, tmp / "tokenizer.json")
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps(
+                    {
+                        "tokenizer_class": "PreTrainedTokenizerFast",
+                        "eos_token": "<|endoftext|>",
+                        "model_max_length": config.model.max_seq_len,
+                    },
+                    indent=2,
+                )
+            )
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        sys.exit(2)
+    try:
+        out = export(*argv)
+    except ConfigError as e:
+        exit_on_config_error(e)
+    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,51 @@
+"""Import a local Hugging Face Llama, Mistral, Mixtral or Qwen2-MoE folder as a moe_train checkpoint.
+
+    python -m moe_train.tools.import_hf HF_DIR OUT_DIR
+    python train.py trainer.init_from=OUT_DIR data=indexed ...     # continue pretraining from it
+
+Reads config.json and safetensors weights (sharded or not); nothing is downloaded. OUT_DIR is a
+weights-only checkpoint whose config.yaml carries the architecture; `trainer.init_from` starts a run
+from it with a fresh optimizer. Mistral's sliding window becomes model.max_seq_len (full causal
+attention equals sliding-window attention up to the window).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from moe_train.config import Config, ConfigError, DataConfig
+from moe_train.model import Transformer
+from moe_train.tools import hf
+from moe_train.tools.hydra_config import exit_on_config_error
+from moe_train.train.checkpoint import save_weights
+
+
+def import_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    hf_config, tensors = hf.read_hf_folder(Path(hf_dir))
+    model_config, arch = hf.from_hf_config(hf_config)
+    state = hf.from_hf(model_config, tensors, arch)
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.init_rope()
+    data = DataConfig(seq_len=min(DataConfig.seq_len, model_config.max_seq_len))
+    return save_weights(Config(model=model_config, data=data), model, out_dir)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        sys.exit(2)
+    try:
+        out = import_folder(*argv)
+    except ConfigError as e:
+        exit_on_config_error(e)
+    print(f"wrote {out}: start a run from it with trainer.init_from={out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

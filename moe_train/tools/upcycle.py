@@ -1,0 +1,117 @@
+"""Sparse upcycling: turn a dense checkpoint into an MoE one whose experts start from the dense FFN.
+
+    python -m moe_train.tools.upcycle DENSE_CHECKPOINT OUT_DIR --num-experts 8 --top-k 2
+    python -m moe_train.tools.upcycle DENSE_CHECKPOINT OUT_DIR --num-experts 16 --top-k 4 --granularity 2
+    python train.py trainer.init_from=OUT_DIR ...           # training continues, optimizer reset
+
+Granularity 1 (Komatsuzaki et al. 2022): every expert is a copy of the layer's dense SwiGLU and the
+router starts small and random. With top-k weights renormalised the weights sum to 1, so the
+upcycled model computes exactly the dense model at step 0.
+
+Granularity m > 1 (fine-grained experts, as in DeepSeekMoE / Qwen1.5-MoE upcycling): the dense
+hidden units are cut into m slices; expert e is slice e mod m with its down projection scaled by m.
+A SwiGLU is a sum over its hidden units, so the dense output is the sum of the m slices; the
+upcycled layer gives m x (weighted mean of the k chosen slices), which equals it only when the k
+chosen experts are the m distinct slices with equal weights. It starts close, not equal; the test
+suite measures how close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+
+from moe_train.config import ConfigError, MoEConfig
+from moe_train.model import Transformer
+from moe_train.tools.hydra_config import exit_on_config_error
+from moe_train.train.checkpoint import load_model, save_weights
+
+
+def upcycle(
+    checkpoint: str,
+    out_dir: str,
+    num_experts: int,
+    top_k: int,
+    granularity: int = 1,
+    renormalize: bool = True,
+    aux_loss_coef: float = 0.01,
+    z_loss_coef: float = 0.001,
+    router_std: float = 0.02,
+    seed: int = 0,
+):
+    config, dense = load_model(checkpoint)
+    model_config = config.model
+    if model_config.moe.num_experts:
+        raise ConfigError(f"{checkpoint} is already an MoE model ({model_config.moe.num_experts} experts)")
+    if granularity < 1 or model_config.ffn_hidden_dim % granularity:
+        raise ConfigError(
+            f"--granularity={granularity} must divide the dense FFN's hidden size "
+            f"{model_config.ffn_hidden_dim}"
+        )
+    if num_experts % granularity:
+        raise ConfigError(f"--num-experts={num_experts} must be a multiple of --granularity={granularity}")
+    moe = MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_hidden_dim=model_config.ffn_hidden_dim // granularity,
+        renormalize=renormalize,
+        aux_loss_coef=aux_loss_coef,
+        z_loss_coef=z_loss_coef,
+    )
+    new_config = dataclasses.replace(config, model=dataclasses.replace(model_config, moe=moe))
+    torch.manual_seed(seed)
+    moe_model = Transformer(new_config.model)
+    dense_state, state = dense.state_dict(), moe_model.state_dict()
+    hidden = moe.expert_hidden_dim
+    for i in range(model_config.num_layers):
+        ffn = f"layers.{i}.ffn."
+        w1, w3, w2 = (dense_state[ffn + f"{n}.weight"] for n in ("w1", "w3", "w2"))  # (F, D), (F, D), (D, F)
+        for e in range(num_experts):
+            part = slice((e % granularity) * hidden, (e % granularity + 1) * hidden)
+            state[ffn + "experts.w1"][e] = w1[part].T
+            state[ffn + "experts.w3"][e] = w3[part].T
+            state[ffn + "experts.w2"][e] = w2[:, part].T * granularity
+        torch.nn.init.normal_(state[ffn + "router.gate.weight"], std=router_std)
+    for name, tensor in dense_state.items():  # attention, norms, embeddings: unchanged
+        if ".ffn." not in name:
+            state[name].copy_(tensor)
+    moe_model.load_state_dict(state)
+    return save_weights(new_config, moe_model, out_dir)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_train.tools.upcycle", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("checkpoint", help="a dense checkpoint or run directory")
+    parser.add_argument("out_dir")
+    parser.add_argument("--num-experts", type=int, required=True)
+    parser.add_argument("--top-k", type=int, required=True)
+    parser.add_argument("--granularity", type=int, default=1, help="slices of the dense FFN per expert group")
+    parser.add_argument("--no-renormalize", dest="renormalize", action="store_false")
+    parser.add_argument("--aux-loss-coef", type=float, default=0.01)
+    parser.add_argument("--z-loss-coef", type=float, default=0.001)
+    parser.add_argument("--router-std", type=float, default=0.02)
+    args = parser.parse_args(argv)
+    try:
+        out = upcycle(
+            args.checkpoint,
+            args.out_dir,
+            args.num_experts,
+            args.top_k,
+            args.granularity,
+            args.renormalize,
+            args.aux_loss_coef,
+            args.z_loss_coef,
+            args.router_std,
+        )
+    except ConfigError as e:
+        exit_on_config_error(e)
+    print(f"wrote {out}: continue training with trainer.init_from={out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,223 @@
+"""Hugging Face interop, checked against the real transformers: export gives the same logits,
+import gives back the same weights, and what cannot be exported exactly is refused."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_train.config import ConfigError
+from moe_train.tools.export_hf import export
+from moe_train.tools.hydra_config import compose_config
+from moe_train.tools.import_hf import import_folder
+from moe_train.train.checkpoint import load_model
+from moe_train.train.trainer import run
+from tests.conftest import TINY
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def trained(tmp_path, *overrides, name="run"):
+    out = tmp_path / name
+    run(
+        compose_config(
+            [
+                *TINY,
+                f"trainer.out_dir={out}",
+                "trainer.max_steps=2",
+                "trainer.num_samples=0",
+                "trainer.eval_every=0",
+                *overrides,
+            ]
+        )
+    )
+    return out
+
+
+def logits_agree(ours, hf_model, vocab):
+    tokens = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return (ours(tokens).logits - hf_model(tokens).logits).abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "overrides,architecture",
+    [
+        (["model=dense_tiny"], "LlamaForCausalLM"),
+        ([], "MixtralForCausalLM"),
+        (["model.tie_embeddings=true", "model.moe.top_k=1"], "MixtralForCausalLM"),
+        (["model=deepseekmoe_tiny"], "Qwen2MoeForCausalLM"),
+        (["model.moe.every_n_layers=2", "model.moe.renormalize=false"], "Qwen2MoeForCausalLM"),
+    ],
+    ids=["dense", "mixtral", "tied-top1", "shared-experts", "every-2nd-unnormalised"],
+)
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, overrides, architecture):
+    run_dir = trained(tmp_path, *overrides)
+    out = export(run_dir, tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(hf_model).__name__ == architecture
+    _, ours = load_model(run_dir)
+    assert logits_agree(ours, hf_model, 256) < 1e-4
+
+
+def test_export_then_import_gives_back_the_same_weights(tmp_path):
+    run_dir = trained(tmp_path)
+    export(run_dir, tmp_path / "hf")
+    imported = import_folder(tmp_path / "hf", tmp_path / "imported")
+    _, original = load_model(run_dir)
+    config, again = load_model(imported)
+    assert config.model.moe.num_experts == 8
+    for (name, a), (_, b) in zip(original.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_import_a_transformers_mistral_and_train_from_it(tmp_path):
+    config = transformers.MistralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=32,
+        max_position_embeddings=128,
+        rope_theta=5e5,
+    )
+    torch.manual_seed(0)
+    mistral = transformers.AutoModelForCausalLM.from_config(config)
+    mistral.save_pretrained(tmp_path / "mistral")
+    out = import_folder(tmp_path / "mistral", tmp_path / "ours")
+    model_config, ours = load_model(out)
+    assert model_config.model.max_seq_len == 32  # the sliding window
+    assert logits_agree(ours, mistral, 256) < 1e-4
+    run(
+        compose_config(
+            [
+                *TINY,
+                f"trainer.out_dir={tmp_path / 'run'}",
+                f"trainer.init_from={out}",
+                "trainer.max_steps=2",
+                "trainer.num_samples=0",
+                "trainer.eval_every=0",
+            ]
+        )
+    )
+
+
+def test_shared_experts_round_trip_through_qwen2_moe_and_gated_ones_are_refused(tmp_path):
+    run_dir = trained(tmp_path, "model=deepseekmoe_tiny")
+    out = export(run_dir, tmp_path / "hf")
+    imported = import_folder(out, tmp_path / "back")
+    _, original = load_model(run_dir)
+    config, again = load_model(imported)
+    assert (config.model.moe.num_shared_experts, config.model.moe.first_k_dense) == (2, 1)
+    for (name, a), (_, b) in zip(original.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    qwen = transformers.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        qwen.model.layers[1].mlp.shared_expert_gate.weight.fill_(0.1)  # a gate our model does not have
+    qwen.save_pretrained(tmp_path / "gated")
+    with pytest.raises(ConfigError, match="shared_expert_gate.weight is not zero"):
+        import_folder(tmp_path / "gated", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
+    gpt2 = transformers.AutoModelForCausalLM.from_config(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)
+    )
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_train.tools.import_hf", str(tmp_path / "gpt2"), str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: model_type 'gpt2' is not supported; import takes llama, mistral, mixtral or qwen2_moe"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_an_existing_folder(tmp_path):
+    run_dir = trained(tmp_path)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        export(run_dir, tmp_path / "taken")
+
+
+# ---- growing a model: sparse upcycling and depth up-scaling ----
+
+
+def test_upcycled_full_copies_compute_the_dense_model_and_train_on(tmp_path):
+    from moe_train.tools.upcycle import upcycle
+
+    dense_dir = trained(tmp_path, "model=dense_tiny", "model.ffn_hidden_dim=96", name="dense")
+    out = upcycle(dense_dir, tmp_path / "moe", num_experts=4, top_k=2)
+    config, moe = load_model(out)
+    _, dense = load_model(dense_dir)
+    assert config.model.moe.num_experts == 4 and moe.moe_layer_ids == [0, 1]
+    tokens = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(tokens).logits, dense(tokens).logits, rtol=1e-5, atol=1e-5)
+    run(
+        compose_config(
+            [
+                *TINY,
+                f"trainer.out_dir={tmp_path / 'run'}",
+                f"trainer.init_from={out}",
+                "trainer.max_steps=2",
+                "trainer.num_samples=0",
+                "trainer.eval_every=0",
+            ]
+        )
+    )
+
+
+def test_fine_grained_upcycling_starts_close_and_bad_granularity_is_refused(tmp_path):
+    from moe_train.tools.upcycle import upcycle
+
+    dense_dir = trained(tmp_path, "model=dense_tiny", "model.ffn_hidden_dim=96", name="dense")
+    out = upcycle(dense_dir, tmp_path / "fine", num_experts=8, top_k=2, granularity=2)
+    _, moe = load_model(out)
+    _, dense = load_model(dense_dir)
+    tokens = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        a, b = moe(tokens).logits, dense(tokens).logits
+    assert ((a - b).norm() / b.norm()).item() < 0.5  # close, not equal: see the tool's docstring
+    with pytest.raises(ConfigError, match="must divide the dense FFN's hidden size 96"):
+        upcycle(dense_dir, tmp_path / "bad", num_experts=10, top_k=2, granularity=5)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("preset", ["dense_tiny", "deepseekmoe_tiny"])
+def test_depth_upscaling_stacks_two_trimmed_copies(tmp_path, preset):
+    from moe_train.tools.depth_upscale import depth_upscale
+
+    src = trained(tmp_path, f"model={preset}", "model.num_layers=4", name="src")
+    out = depth_upscale(src, tmp_path / "deep", drop=1)
+    config, deep = load_model(out)
+    _, shallow = load_model(src)
+    assert config.model.num_layers == 6
+    old, new = shallow.state_dict(), deep.state_dict()
+    for i, j in enumerate([0, 1, 2, 1, 2, 3]):  # first copy minus its last layer, second minus its first
+        for name in (k for k in old if k.startswith(f"layers.{j}.")):
+            assert torch.equal(new[name.replace(f"layers.{j}.", f"layers.{i}.", 1)], old[name])
+    with pytest.raises(ConfigError, match="--drop=3 must be between 0 and n/2 = 2"):
+        depth_upscale(src, tmp_path / "bad", drop=3)
+    run(
+        compose_config(
+            [
+                *TINY,
+                f"trainer.out_dir={tmp_path / 'run'}",
+                f"trainer.init_from={out}",
+                "trainer.max_steps=2",
+                "trainer.num_samples=0",
+                "trainer.eval_every=0",
+            ]
+        )
+    )
