@@ -16,7 +16,8 @@ import hydra
 from omegaconf import DictConfig
 
 from moe_train.config import ConfigError
-from moe_train.tools.hydra_config import compose_config, exit_on_config_error, register_schema, to_config
+from moe_train.tools.cli import exit_on_config_error
+from moe_train.tools.hydra_config import compose_config, register_schema, to_config
 from moe_train.train.trainer import run
 
 

@@ -42,40 +42,75 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-steps", type=int, default=150)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument(
+        "--fine-grained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the 16-expert half-width variant",
+    )
+    parser.add_argument("--eval-every", type=int, default=25)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run(compose_config(["model=dense_tiny", f"trainer.out_dir={tmp / 'base'}",
-                            f"trainer.max_steps={args.base_steps}", *COMMON]))
+        run(
+            compose_config(
+                [
+                    "model=dense_tiny",
+                    f"trainer.out_dir={tmp / 'base'}",
+                    f"trainer.max_steps={args.base_steps}",
+                    *COMMON,
+                ]
+            )
+        )
         base = tmp / "base"
-        variants = {
-            "dense": base,
-            "upcycled_8x_top2": upcycle(base, tmp / "up8", num_experts=8, top_k=2),
-            "upcycled_16x_half_top4": upcycle(base, tmp / "up16", num_experts=16, top_k=4, granularity=2),
-        }
+        variants = {"dense": base, "upcycled_8x_top2": upcycle(base, tmp / "up8", num_experts=8, top_k=2)}
+        if args.fine_grained:
+            variants["upcycled_16x_half_top4"] = upcycle(
+                base, tmp / "up16", num_experts=16, top_k=4, granularity=2
+            )
         rows, runs = [], {}
         for name, init in variants.items():
             if name == "dense":  # the last checkpoint of the base run
                 init = sorted((base / "checkpoints").iterdir())[-1]
             out = tmp / name
-            run(compose_config([f"trainer.init_from={init}", f"trainer.out_dir={out}",
-                                f"trainer.max_steps={args.steps}", "trainer.eval_every=25", *COMMON]))
+            run(
+                compose_config(
+                    [
+                        f"trainer.init_from={init}",
+                        f"trainer.out_dir={out}",
+                        f"trainer.max_steps={args.steps}",
+                        f"trainer.eval_every={args.eval_every}",
+                        *COMMON,
+                    ]
+                )
+            )
             metrics = read_metrics(out)
             runs[name] = out
             final = metrics[-1]
-            rows.append({
-                "model": name,
-                "start_gap": 0.0 if name == "dense" else start_gap(init, base),
-                "val_loss": final["val_loss"],
-                "val_loss_per_byte": final["val_loss_per_byte"],
-                "tokens_per_s": sum(m["tokens_per_sec"] for m in metrics) / len(metrics),
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "start_gap": 0.0 if name == "dense" else start_gap(init, base),
+                    "val_loss": final["val_loss"],
+                    "val_loss_per_byte": final["val_loss_per_byte"],
+                    "tokens_per_s": sum(m["tokens_per_sec"] for m in metrics) / len(metrics),
+                }
+            )
         print_table(rows, list(rows[0]))
         RESULTS.mkdir(parents=True, exist_ok=True)
         plot.main([str(p) for p in runs.values()] + ["--out", str(RESULTS / "upcycling")])
-        write_json("upcycling", {"rows": rows, "base_steps": args.base_steps, "steps": args.steps,
-                                 "curves": {n: [(m["step"], m["val_loss"]) for m in read_metrics(p)
-                                                if "val_loss" in m] for n, p in runs.items()}})
+        write_json(
+            "upcycling",
+            {
+                "rows": rows,
+                "base_steps": args.base_steps,
+                "steps": args.steps,
+                "curves": {
+                    n: [(m["step"], m["val_loss"]) for m in read_metrics(p) if "val_loss" in m]
+                    for n, p in runs.items()
+                },
+            },
+        )
 
 
 if __name__ == "__main__":

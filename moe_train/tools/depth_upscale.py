@@ -16,7 +16,7 @@ import sys
 
 from moe_train.config import ConfigError
 from moe_train.model import Transformer
-from moe_train.tools.hydra_config import exit_on_config_error
+from moe_train.tools.cli import one_line_errors
 from moe_train.train.checkpoint import load_model, save_weights
 
 
@@ -57,10 +57,8 @@ def main(argv: list[str]) -> None:
         "--drop", type=int, default=None, help="layers m dropped from each copy (default n/4)"
     )
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         out = depth_upscale(args.checkpoint, args.out_dir, args.drop)
-    except ConfigError as e:
-        exit_on_config_error(e)
     print(f"wrote {out}: continue training with trainer.init_from={out}")
 
 

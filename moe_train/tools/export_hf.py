@@ -11,6 +11,7 @@ training is a training-time token budget: the exported model routes dropless.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from moe_train.config import Config, ConfigError
 from moe_train.tools import hf
-from moe_train.tools.hydra_config import exit_on_config_error
+from moe_train.tools.cli import one_line_errors
 from moe_train.train.checkpoint import load_model
 
 SHARD_SIZE = "5GB"
@@ -84,13 +85,14 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        sys.exit(2)
-    try:
-        out = export(*argv)
-    except ConfigError as e:
-        exit_on_config_error(e)
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_train.tools.export_hf", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("checkpoint", help="a checkpoint or run directory")
+    parser.add_argument("out_dir", help="the Hugging Face folder to write (must not exist)")
+    args = parser.parse_args(argv)
+    with one_line_errors():
+        out = export(args.checkpoint, args.out_dir)
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 

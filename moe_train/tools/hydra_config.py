@@ -6,7 +6,6 @@ under moe_train/ imports hydra.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -73,8 +72,3 @@ def compose_config(overrides: list[str]) -> Config:
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
     return to_config(cfg)
-
-
-def exit_on_config_error(error: ConfigError) -> None:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)

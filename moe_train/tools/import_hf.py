@@ -11,15 +11,16 @@ attention equals sliding-window attention up to the window).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from moe_train.config import Config, ConfigError, DataConfig
+from moe_train.config import Config, DataConfig
 from moe_train.model import Transformer
 from moe_train.tools import hf
-from moe_train.tools.hydra_config import exit_on_config_error
+from moe_train.tools.cli import one_line_errors
 from moe_train.train.checkpoint import save_weights
 
 
@@ -37,13 +38,14 @@ def import_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        sys.exit(2)
-    try:
-        out = import_folder(*argv)
-    except ConfigError as e:
-        exit_on_config_error(e)
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_train.tools.import_hf", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("hf_dir", help="a local Hugging Face model folder (config.json + safetensors)")
+    parser.add_argument("out_dir", help="the checkpoint folder to write (must not exist)")
+    args = parser.parse_args(argv)
+    with one_line_errors():
+        out = import_folder(args.hf_dir, args.out_dir)
     print(f"wrote {out}: start a run from it with trainer.init_from={out}")
 
 

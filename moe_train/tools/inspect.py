@@ -13,10 +13,11 @@ import sys
 
 import torch
 
-from moe_train.config import Config, ConfigError
+from moe_train.config import Config
 from moe_train.data.loader import tokenizer_vocab_size
 from moe_train.model import Transformer, model_size
-from moe_train.tools.hydra_config import compose_config, exit_on_config_error
+from moe_train.tools.cli import one_line_errors
+from moe_train.tools.hydra_config import compose_config
 
 
 def inspect_config(config: Config) -> dict:
@@ -43,11 +44,8 @@ def inspect_config(config: Config) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    try:
-        config = compose_config(argv)
-    except ConfigError as e:
-        exit_on_config_error(e)
-    print(json.dumps(inspect_config(config), indent=2))
+    with one_line_errors():
+        print(json.dumps(inspect_config(compose_config(argv)), indent=2))
 
 
 if __name__ == "__main__":

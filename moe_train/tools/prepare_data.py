@@ -17,7 +17,7 @@ import sys
 from moe_train.config import ConfigError
 from moe_train.data.prepare import prepare
 from moe_train.data.sources import find_files
-from moe_train.tools.hydra_config import exit_on_config_error
+from moe_train.tools.cli import one_line_errors
 
 
 def main(argv: list[str]) -> None:
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers={args.workers} must be >= 1")
         result = prepare(
@@ -52,8 +52,6 @@ def main(argv: list[str]) -> None:
             workers=args.workers,
             bpe_sample_bytes=int(args.bpe_sample_mb * 1e6),
         )
-    except ConfigError as e:
-        exit_on_config_error(e)
     print(result.summary())
 
 

@@ -26,7 +26,7 @@ import torch
 
 from moe_train.config import ConfigError, MoEConfig
 from moe_train.model import Transformer
-from moe_train.tools.hydra_config import exit_on_config_error
+from moe_train.tools.cli import one_line_errors
 from moe_train.train.checkpoint import load_model, save_weights
 
 
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--z-loss-coef", type=float, default=0.001)
     parser.add_argument("--router-std", type=float, default=0.02)
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         out = upcycle(
             args.checkpoint,
             args.out_dir,
@@ -108,8 +108,6 @@ def main(argv: list[str]) -> None:
             args.z_loss_coef,
             args.router_std,
         )
-    except ConfigError as e:
-        exit_on_config_error(e)
     print(f"wrote {out}: continue training with trainer.init_from={out}")
 
 

@@ -1,0 +1,23 @@
+"""What every command-line tool shares: a configuration or input mistake is one line on stderr and
+exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from moe_train.config import ConfigError
+
+
+def exit_on_config_error(error: ConfigError) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except ConfigError as e:
+        exit_on_config_error(e)
