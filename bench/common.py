@@ -32,6 +32,24 @@ def time_it(fn, device: torch.device, warmup: int = 2, repeat: int = 5) -> float
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict, device: torch.device, warmup: int = 2, repeat: int = 5) -> dict[str, float]:
+    """Median seconds per call of each fn, timed in interleaved rounds (the order rotating every
+    round) so that drift on a noisy machine, and whoever runs first, does not bias the ratios."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def machine() -> dict:
     info = {
         "torch": torch.__version__,

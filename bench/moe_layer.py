@@ -3,10 +3,12 @@
     python -m bench.moe_layer            # CPU shapes scaled down by 8 in width; real widths on a GPU
 
 Contenders, same shapes and (where the layout allows) the same weights, all in one run:
-  ours          moe_train's MoE layer (grouped GEMM on Hopper GPUs, loop over experts elsewhere)
+  ours          moe_train's MoE layer (grouped GEMM on Hopper GPUs, loop over experts elsewhere:
+                on a CPU ours and loop are the same code, and their gap is the timing noise)
   loop          the same layer with the loop over experts forced (the reference path)
   hf_mixtral    transformers' MixtralSparseMoeBlock, if transformers is installed (no shared experts)
   dense_matmul  plain matrix products with the same FLOPs: the ceiling on this machine
+Contenders are timed in interleaved rounds (bench.common.time_interleaved).
 FLOPs per layer call (forward + backward) = 6 * tokens * (top_k * 3 * dim * hidden
   + num_shared * 3 * dim * hidden + dim * num_experts): router, routed and shared experts.
 """
@@ -18,13 +20,14 @@ import contextlib
 
 import torch
 
-from bench.common import print_table, time_it, write_json
+from bench.common import print_table, time_interleaved, write_json
 from moe_train.model.moe import MoE
 
 SHAPES = {  # name: (dim, hidden, experts, top_k, shared) at real width
     "mixtral": (4096, 14336, 8, 2, 0),
     "dbrx": (6144, 10752, 16, 4, 0),
     "deepseekmoe": (2048, 1408, 64, 6, 2),
+    "fine_grained_routed": (2048, 1408, 64, 6, 0),  # DeepSeekMoE's routed part: transformers' block runs it
 }
 
 
@@ -41,14 +44,20 @@ def make_layer(dim, hidden, experts, top_k, shared, device) -> MoE:
     return layer
 
 
-@contextlib.contextmanager
-def loop_experts(layer: MoE):
-    forward = layer.experts.forward
-    layer.experts.forward = layer.experts._forward_loop
-    try:
-        yield
-    finally:
-        layer.experts.forward = forward
+class LoopExperts(torch.nn.Module):
+    """The same layer (same weights) with the loop over experts forced: the reference path."""
+
+    def __init__(self, layer: MoE):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        experts = self.layer.experts
+        experts.forward = experts._forward_loop
+        try:
+            return self.layer(x)
+        finally:
+            del experts.forward  # back to the class's forward
 
 
 def hf_block(layer: MoE, dim, hidden, experts, top_k, device):
@@ -122,9 +131,7 @@ def main() -> None:
         flops = layer_flops(tokens, dim, hidden, experts, top_k, shared)
         layer = make_layer(dim, hidden, experts, top_k, shared, device)
         x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
-        results = {"ours": time_it(step_fn(layer, x, autocast), device, repeat=args.repeat)}
-        with loop_experts(layer):
-            results["loop"] = time_it(step_fn(layer, x, autocast), device, repeat=args.repeat)
+        contenders = {"ours": step_fn(layer, x, autocast), "loop": step_fn(LoopExperts(layer), x, autocast)}
         block = None
         if not shared:  # Mixtral's block has no shared experts
             try:
@@ -132,14 +139,10 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a transformers version with another layout
                 print(f"hf_mixtral skipped at {name}: {type(e).__name__}: {e}")
         if block is not None:
-            results["hf_mixtral"] = time_it(
-                step_fn(block, x, autocast, (1, tokens, dim)), device, repeat=args.repeat
-            )
-            del block
-        layer.zero_grad(set_to_none=True)
-        results["dense_matmul"] = time_it(
-            dense_swiglu(tokens * (top_k + shared), dim, hidden, device, dtype), device, repeat=args.repeat
-        )
+            contenders["hf_mixtral"] = step_fn(block, x, autocast, (1, tokens, dim))
+        contenders["dense_matmul"] = dense_swiglu(tokens * (top_k + shared), dim, hidden, device, dtype)
+        results = time_interleaved(contenders, device, repeat=args.repeat)
+        del block, contenders
         ceiling = flops / results["dense_matmul"]
         for contender, seconds in results.items():
             rows.append(
