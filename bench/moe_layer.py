@@ -6,11 +6,21 @@ Contenders, same shapes and (where the layout allows) the same weights, all in o
   ours          moe_train's MoE layer (grouped GEMM on Hopper GPUs, loop over experts elsewhere:
                 on a CPU ours and loop are the same code, and their gap is the timing noise)
   loop          the same layer with the loop over experts forced (the reference path)
-  hf_mixtral    transformers' MixtralSparseMoeBlock, if transformers is installed (no shared experts)
+  hf_mixtral    transformers' MixtralSparseMoeBlock, if transformers is installed; at the shape with
+                shared experts our shared SwiGLU is added to its output (the block has none)
+  deepspeed     deepspeed.moe.layer.MoE (ep_size=1 on a world-of-one gloo group), a ModuleList of
+                SwiGLU experts holding our weights; drop_tokens=False, so its capacity is the
+                largest expert count and every expert runs on a zero-padded (capacity, dim) block;
+                no noise on the second expert (top2_2nd_expert_sampling=False), so it routes as we
+                do; shared experts added as for hf_mixtral. Its TopKGate runs any k (top-1, top-2
+                and a general top-k path), so every shape runs.
   dense_matmul  plain matrix products with the same FLOPs: the ceiling on this machine
-Contenders are timed in interleaved rounds (bench.common.time_interleaved).
+Contenders are timed in interleaved rounds (bench.common.time_interleaved). Before timing, each
+contender's output is compared with ours (same weights, fp32 on CPU) and the largest difference
+printed, so a contender that routes differently shows.
 FLOPs per layer call (forward + backward) = 6 * tokens * (top_k * 3 * dim * hidden
-  + num_shared * 3 * dim * hidden + dim * num_experts): router, routed and shared experts.
+  + num_shared * 3 * dim * hidden + dim * num_experts): router, routed and shared experts; the same
+  count for every contender (padding rows that a contender computes are not counted).
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ SHAPES = {  # name: (dim, hidden, experts, top_k, shared) at real width
     "deepseekmoe": (2048, 1408, 64, 6, 2),
     "fine_grained_routed": (2048, 1408, 64, 6, 0),  # DeepSeekMoE's routed part: transformers' block runs it
 }
+
+
+FLOPS_FORMULA = "6*tokens*((top_k+shared)*3*dim*hidden + dim*experts)"
 
 
 def layer_flops(tokens, dim, hidden, experts, top_k, shared) -> float:
@@ -86,6 +99,86 @@ def hf_block(layer: MoE, dim, hidden, experts, top_k, device):
     return block
 
 
+class SwiGLUExpert(torch.nn.Module):
+    """One expert in our layout (w1, w3: (dim, hidden); w2: (hidden, dim)), for DeepSpeed's ModuleList."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.empty(dim, hidden))
+        self.w3 = torch.nn.Parameter(torch.empty(dim, hidden))
+        self.w2 = torch.nn.Parameter(torch.empty(hidden, dim))
+
+    def forward(self, x):  # (..., capacity, dim): DeepSpeed passes (ep, 1, capacity, dim)
+        return (torch.nn.functional.silu(x @ self.w1) * (x @ self.w3)) @ self.w2
+
+
+@contextlib.contextmanager
+def deepspeed_world():
+    """A world-of-one gloo process group for DeepSpeed's MoE layer (it reads its expert-parallel
+    group from deepspeed.utils.groups), or None when DeepSpeed is not installed."""
+    try:
+        import deepspeed
+        import torch.distributed as dist
+    except ImportError:
+        yield False
+        return
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        yield True
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def deepspeed_moe(layer: MoE, dim, hidden, experts, top_k, device):
+    """deepspeed.moe.layer.MoE with our router and expert weights, dropping no tokens."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    block = DeepSpeedMoE(
+        dim,
+        SwiGLUExpert(dim, hidden),
+        num_experts=experts,
+        ep_size=1,
+        k=top_k,
+        drop_tokens=False,  # capacity = the largest expert count: nothing dropped
+        use_rts=False,
+        min_capacity=0,
+        top2_2nd_expert_sampling=False,  # no Gumbel noise on the second choice: plain top-2
+    ).to(device)
+    block.set_deepspeed_parallelism()
+    with torch.no_grad():
+        block.deepspeed_moe.gate.wg.weight.copy_(layer.router.gate.weight)
+        for e, expert in enumerate(block.deepspeed_moe.experts.deepspeed_experts):
+            for name in ("w1", "w3", "w2"):
+                getattr(expert, name).copy_(getattr(layer.experts, name)[e])
+    return block
+
+
+class WithShared(torch.nn.Module):
+    """A routed-only block plus our layer's shared experts (same weights): the DeepSeekMoE shape for
+    blocks that have no shared experts."""
+
+    def __init__(self, block, shared):
+        super().__init__()
+        self.block, self.shared = block, shared
+
+    def forward(self, x):
+        out = self.block(x)
+        out = out[0] if isinstance(out, tuple) else out
+        return out if self.shared is None else out + self.shared(x)
+
+
+def max_difference(module, layer: MoE, x, shape=None) -> float:
+    with torch.no_grad():
+        ours = layer(x)[0].float()
+        out = module(x if shape is None else x.view(shape))
+        out = out[0] if isinstance(out, tuple) else out
+        return (out.reshape(ours.shape).float() - ours).abs().max().item()
+
+
 def step_fn(module, x, autocast, shape=None):
     def run():
         module.zero_grad(set_to_none=True)
@@ -112,6 +205,60 @@ def dense_swiglu(rows, dim, hidden, device, dtype):
     return run
 
 
+def bench_shape(
+    name, dim, hidden, experts, top_k, shared, divisor, tokens, device, dtype, autocast, have_deepspeed, args
+) -> list[dict]:
+    dim, hidden = dim // divisor, hidden // divisor
+    flops = layer_flops(tokens, dim, hidden, experts, top_k, shared)
+    layer = make_layer(dim, hidden, experts, top_k, shared, device)
+    x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    contenders = {"ours": step_fn(layer, x, autocast), "loop": step_fn(LoopExperts(layer), x, autocast)}
+    peers = {}
+    try:
+        block = hf_block(layer, dim, hidden, experts, top_k, device)
+        if block is not None:
+            peers["hf_mixtral"] = (WithShared(block, layer.shared_experts), (1, tokens, dim))
+    except Exception as e:  # noqa: BLE001 - a transformers version with another layout
+        print(f"hf_mixtral skipped at {name}: {type(e).__name__}: {e}")
+    if have_deepspeed:
+        try:
+            block = deepspeed_moe(layer, dim, hidden, experts, top_k, device)
+            peers["deepspeed"] = (WithShared(block, layer.shared_experts), (1, tokens, dim))
+        except Exception as e:  # noqa: BLE001 - a DeepSpeed version whose gate cannot run this k
+            print(f"deepspeed skipped at {name} (top-{top_k}): {type(e).__name__}: {e}")
+    else:
+        print("deepspeed skipped: not installed")
+    for peer, (module, view) in peers.items():
+        if dtype is None:  # fp32: a peer with the same weights must give our output
+            print(f"{name}: {peer} max |output - ours| = {max_difference(module, layer, x, view):.2e}")
+        contenders[peer] = step_fn(module, x, autocast, view)
+    contenders["dense_matmul"] = dense_swiglu(tokens * (top_k + shared), dim, hidden, device, dtype)
+    results = time_interleaved(contenders, device, repeat=args.repeat)
+    ceiling = flops / results["dense_matmul"]
+    rows = []
+    for contender, seconds in results.items():
+        rows.append(
+            {
+                "shape": name,
+                "contender": contender,
+                "dim": dim,
+                "hidden": hidden,
+                "experts": experts,
+                "top_k": top_k,
+                "shared": shared,
+                "tokens": tokens,
+                "ms": seconds * 1e3,
+                "tokens_per_s": tokens / seconds,
+                "tflops": flops / seconds / 1e12,
+                "vs_ceiling": flops / seconds / ceiling,
+            }
+        )
+    del contenders, peers, layer, x
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=None, help="tokens per layer call")
@@ -126,45 +273,10 @@ def main() -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
 
     rows = []
-    for name, (dim, hidden, experts, top_k, shared) in SHAPES.items():
-        dim, hidden = dim // divisor, hidden // divisor
-        flops = layer_flops(tokens, dim, hidden, experts, top_k, shared)
-        layer = make_layer(dim, hidden, experts, top_k, shared, device)
-        x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
-        contenders = {"ours": step_fn(layer, x, autocast), "loop": step_fn(LoopExperts(layer), x, autocast)}
-        block = None
-        if not shared:  # Mixtral's block has no shared experts
-            try:
-                block = hf_block(layer, dim, hidden, experts, top_k, device)
-            except Exception as e:  # noqa: BLE001 - a transformers version with another layout
-                print(f"hf_mixtral skipped at {name}: {type(e).__name__}: {e}")
-        if block is not None:
-            contenders["hf_mixtral"] = step_fn(block, x, autocast, (1, tokens, dim))
-        contenders["dense_matmul"] = dense_swiglu(tokens * (top_k + shared), dim, hidden, device, dtype)
-        results = time_interleaved(contenders, device, repeat=args.repeat)
-        del block, contenders
-        ceiling = flops / results["dense_matmul"]
-        for contender, seconds in results.items():
-            rows.append(
-                {
-                    "shape": name,
-                    "contender": contender,
-                    "dim": dim,
-                    "hidden": hidden,
-                    "experts": experts,
-                    "top_k": top_k,
-                    "shared": shared,
-                    "tokens": tokens,
-                    "ms": seconds * 1e3,
-                    "tokens_per_s": tokens / seconds,
-                    "tflops": flops / seconds / 1e12,
-                    "vs_ceiling": flops / seconds / ceiling,
-                }
-            )
-        del layer, x
-        if on_gpu:
-            torch.cuda.empty_cache()
-    print(__doc__.split("\n")[-2].strip())
+    with deepspeed_world() as have_deepspeed:
+        for name, shape in SHAPES.items():
+            rows += bench_shape(name, *shape, divisor, tokens, device, dtype, autocast, have_deepspeed, args)
+    print(f"FLOPs per layer call, every contender: {FLOPS_FORMULA}; vs_ceiling = rate / dense_matmul's rate")
     print_table(
         rows,
         [
@@ -182,9 +294,7 @@ def main() -> None:
             "vs_ceiling",
         ],
     )
-    write_json(
-        "moe_layer", {"rows": rows, "flops_formula": "6*tokens*((top_k+shared)*3*dim*hidden + dim*experts)"}
-    )
+    write_json("moe_layer", {"rows": rows, "flops_formula": FLOPS_FORMULA})
 
 
 if __name__ == "__main__":
