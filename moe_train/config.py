@@ -316,6 +316,43 @@ class ParallelConfig:
         _check(self.timeout_minutes > 0, f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
 
 
+def check_zero_stage(stage, key: str) -> None:
+    if stage == 3:
+        raise ConfigError(
+            f"{key}=3: DeepSpeed does not support ZeRO stage 3 with MoE layers; use stage 1 or 2 "
+            "(optimizer states, and at 2 gradients, sharded) and parallel.ep to shard the experts"
+        )
+    _check(stage in (0, 1, 2), f"{key}={stage} is not a ZeRO stage; allowed: 0 (none), 1, 2")
+
+
+@dataclass
+class EngineConfig:
+    name: str = "native"
+    """`native` (our gradient averaging, AdamW, DCP checkpoints) or `deepspeed` (DeepSpeed's engine
+    with ZeRO sharding the optimizer states; checkpoints in DeepSpeed's format)."""
+    zero_stage: int = 1
+    """deepspeed: 0 (none), 1 (optimizer states sharded), 2 (+ gradients). Stage 3 does not support MoE."""
+    offload_optimizer: bool = False
+    """deepspeed: keep optimizer states on the CPU and step there (ZeRO-Offload, DeepSpeed's CPU Adam)."""
+    deepspeed_config: str | None = None
+    """deepspeed: a DeepSpeed JSON merged over the one built from this config (bucket sizes, overlap,
+    ...); batch sizes in it must agree with trainer.*, and optimizer/scheduler come from optim.*"""
+
+    def __post_init__(self) -> None:
+        _one_of("engine.name", self.name, ("native", "deepspeed"))
+        check_zero_stage(self.zero_stage, "engine.zero_stage")
+        if self.name == "native":
+            _check(
+                self.zero_stage == 1 and not self.offload_optimizer and self.deepspeed_config is None,
+                "engine.zero_stage, engine.offload_optimizer and engine.deepspeed_config "
+                "need engine=deepspeed",
+            )
+        _check(
+            not (self.offload_optimizer and self.zero_stage == 0),
+            "engine.offload_optimizer=true needs engine.zero_stage=1 or 2 (ZeRO-Offload)",
+        )
+
+
 @dataclass
 class WandbConfig:
     mode: str = "offline"
@@ -343,6 +380,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:

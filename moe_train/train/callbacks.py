@@ -94,7 +94,7 @@ class SaveCheckpoints(Callback):
         self.saved_step = trainer.progress.step
 
     def _save(self, trainer):
-        path = trainer.checkpointer.save(trainer.config, trainer.model, trainer.optimizer, trainer.progress)
+        path = trainer.checkpointer.save(trainer.config, trainer.engine, trainer.progress)
         self.saved_step = trainer.progress.step
         log.info("saved %s", path)
 

@@ -1,9 +1,12 @@
-"""Sharded, atomic, reshardable checkpoints through torch.distributed.checkpoint (DCP).
+"""Atomic checkpoint folders, in the engine's format: DCP (native: sharded, reshardable) or DeepSpeed's.
 
-Layout: out_dir/checkpoints/step_00000100/ holds DCP's shards, its .metadata and config.yaml.
-Each rank writes only its own shards into step_XXXXXXXX.tmp; rank 0 renames the folder once every
-rank has finished, so a folder without the .tmp suffix is always complete, and a crash mid-save
-leaves only a .tmp folder that resume ignores and the next run deletes.
+Layout: out_dir/checkpoints/step_00000100/ holds the engine's files (DCP's shards and .metadata, or
+DeepSpeed's mp_rank_00_model_states.pt, per-expert and ZeRO files) and config.yaml.
+Each rank writes only its own files into step_XXXXXXXX.tmp; rank 0 writes config.yaml and renames
+the folder once every rank has finished, so a folder without the .tmp suffix is always complete, and
+a crash mid-save leaves only a .tmp folder that resume ignores and the next run deletes.
+
+Weights load from either format (load_weights, load_model): the tools and trainer.init_from take both.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from moe_train.config import Config, ConfigError
 from moe_train.parallel.expert_parallel import expert_shards_to_dtensors
@@ -28,6 +30,8 @@ from moe_train.parallel.topology import Topology
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's non-expert weights and client state
+_DEEPSPEED_EXPERT_FILE = re.compile(r"^layer_\d+_expert_\d+_mp_rank_00_model_states\.pt$")
 
 
 @dataclass
@@ -39,21 +43,28 @@ class Progress:
 
 
 def is_complete(path: Path) -> bool:
-    return _STEP_DIR.match(path.name) is not None and (path / ".metadata").is_file()
+    """A renamed step folder; config.yaml is written last, after every rank's files."""
+    return _STEP_DIR.match(path.name) is not None and (path / "config.yaml").is_file()
+
+
+def is_deepspeed(checkpoint: Path) -> bool:
+    return (Path(checkpoint) / DEEPSPEED_MODEL_STATES).is_file()
 
 
 def load_config(checkpoint: str | Path) -> Config:
-    """The configuration a checkpoint was written with."""
+    """The configuration a checkpoint (native or DeepSpeed) was written with."""
     checkpoint = Path(checkpoint)
-    if not ((checkpoint / "config.yaml").is_file() and (checkpoint / ".metadata").is_file()):
+    has_weights = (checkpoint / ".metadata").is_file() or is_deepspeed(checkpoint)
+    if not ((checkpoint / "config.yaml").is_file() and has_weights):
         raise ConfigError(
-            f"{checkpoint} is not a moe_train checkpoint (a folder with .metadata and config.yaml)"
+            f"{checkpoint} is not a moe_train checkpoint (a folder with config.yaml and either DCP's "
+            f".metadata or DeepSpeed's {DEEPSPEED_MODEL_STATES})"
         )
     schema = OmegaConf.structured(Config)
     return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(checkpoint / "config.yaml")))
 
 
-def _dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
+def dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
     """Load `state` in place from a DCP checkpoint, presenting expert shards as DTensors; a load
     that does not fit this model becomes one line naming the first mismatch."""
     distributed = topology is not None and topology.distributed
@@ -70,8 +81,42 @@ def load_weights(path: str | Path, model: nn.Module, topology: Topology | None =
     """Model weights only, from a training checkpoint or a weights-only one, at any expert layout."""
     path = Path(path)
     load_config(path)  # checks it is a checkpoint
-    state = _dcp_load({"model": model.state_dict()}, path, topology)
+    if is_deepspeed(path):
+        state = read_deepspeed_weights(path)
+        if topology is not None and topology.ep > 1:  # this rank's expert shard
+            own = model.state_dict()
+            for key, value in state.items():
+                if ".experts." in key:
+                    per_rank = own[key].shape[0]
+                    state[key] = value[topology.ep_rank * per_rank : (topology.ep_rank + 1) * per_rank]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"cannot load checkpoint {path} into this model: {_reason(e)}") from None
+        return
+    state = dcp_load({"model": model.state_dict()}, path, topology)
     model.load_state_dict(state["model"])
+
+
+def read_deepspeed_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a DeepSpeed checkpoint (the stacked experts joined again from
+    DeepSpeed's per-expert files), fp32 on the CPU, in one process."""
+    path = Path(path)
+    try:
+        state = torch.load(path / DEEPSPEED_MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+        experts: dict[str, dict[int, torch.Tensor]] = {}
+        for f in sorted(p for p in path.iterdir() if _DEEPSPEED_EXPERT_FILE.match(p.name)):
+            for key, tensor in torch.load(f, map_location="cpu", weights_only=True).items():
+                stacked, _, index = key.rpartition(".")  # <layer>.experts.w1.<global expert>
+                experts.setdefault(stacked, {})[int(index)] = tensor
+    except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
+        raise ConfigError(f"cannot read DeepSpeed checkpoint {path}: {_reason(e)}") from None
+    for key, by_index in experts.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
+            raise ConfigError(f"DeepSpeed checkpoint {path} lacks the files of experts {missing} of {key}")
+        state[key] = torch.stack([by_index[i] for i in range(len(by_index))])
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -147,24 +192,8 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
         self.topology.barrier()
 
-    def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> dict:
-        return {
-            "model": model.state_dict(),
-            "optim": get_optimizer_state_dict(model, optimizer),
-            "progress": {
-                "step": torch.tensor(progress.step),
-                "consumed_samples": torch.tensor(progress.consumed_samples),
-                "rng": torch.get_rng_state(),
-            },
-        }
-
-    def save(
-        self,
-        config: Config,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        progress: Progress,
-    ) -> Path:
+    def save(self, config: Config, engine, progress: Progress) -> Path:
+        """All ranks: the engine writes its state into step_X.tmp; rank 0 adds config.yaml, renames."""
         topo = self.topology
         final = self.dir / f"step_{progress.step:08d}"
         tmp = final.with_name(final.name + ".tmp")
@@ -172,8 +201,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         topo.barrier("barrier (checkpoint start)")
-        state = expert_shards_to_dtensors(self._state(model, optimizer, progress), topo)
-        dcp.save(state, checkpoint_id=tmp, no_dist=not topo.distributed)
+        engine.save(tmp, _progress_state(progress))
         topo.barrier("barrier (checkpoint shards written)")
         if topo.is_main:
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
@@ -187,14 +215,28 @@ class Checkpointer:
         topo.barrier("barrier (checkpoint renamed)")
         return final
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
-        """Restore model, optimizer, data position and RNG in place, at any expert-parallel layout."""
+    def load(self, path: Path, engine) -> Progress:
+        """Restore the engine's state (model, optimizer), data position and RNG in place."""
         if not is_complete(path):
             raise ConfigError(
-                f"trainer.resume={path} is not a complete checkpoint (a step_XXXXXXXX folder with .metadata)"
+                f"trainer.resume={path} is not a complete checkpoint "
+                "(a step_XXXXXXXX folder with config.yaml)"
             )
-        state = _dcp_load(self._state(model, optimizer, Progress()), path, self.topology)
-        model.load_state_dict(state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-        torch.set_rng_state(state["progress"]["rng"])
-        return Progress(int(state["progress"]["step"]), int(state["progress"]["consumed_samples"]))
+        written_by = "deepspeed" if is_deepspeed(path) else "native"
+        if written_by != engine.name:
+            raise ConfigError(
+                f"checkpoint {path} was written by engine={written_by} and this run uses "
+                f"engine={engine.name}; resume with engine={written_by}, "
+                f"or start from its weights with trainer.init_from={path}"
+            )
+        state = engine.load(path, _progress_state(Progress()))
+        torch.set_rng_state(state["rng"])
+        return Progress(int(state["step"]), int(state["consumed_samples"]))
+
+
+def _progress_state(progress: Progress) -> dict:
+    return {
+        "step": torch.tensor(progress.step),
+        "consumed_samples": torch.tensor(progress.consumed_samples),
+        "rng": torch.get_rng_state(),
+    }

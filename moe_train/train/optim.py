@@ -10,19 +10,22 @@ from torch import nn
 from moe_train.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     """Weight decay on weight matrices only: never on norms, biases or embeddings."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "tok_embeddings" in name else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    return [
+        {"name": "decay", "params": decay, "weight_decay": config.weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        groups,
+        param_groups(model, config),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,

@@ -17,13 +17,13 @@ import torch
 from moe_train.config import Config, ConfigError
 from moe_train.data import build_datasets
 from moe_train.model import Transformer, lm_loss, model_size
-from moe_train.parallel.data_parallel import GradientSync
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.topology import Topology
 from moe_train.train.callbacks import Callback, default_callbacks
 from moe_train.train.checkpoint import Checkpointer, Progress, load_config, load_weights
+from moe_train.train.engine import NativeEngine
 from moe_train.train.metrics import peak_flops
-from moe_train.train.optim import build_optimizer, lr_at
+from moe_train.train.optim import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class Trainer:
         precision = (
             t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         )
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        bf16 = precision == "bf16"
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
 
         datasets = build_datasets(config, topology)
         self.tokenizer, self.train_data, self.val_data = datasets.tokenizer, datasets.train, datasets.val
@@ -62,8 +63,12 @@ class Trainer:
         if t.compile:  # per block, in place (state-dict keys unchanged); expert dispatch stays eager
             for block in self.model.layers:
                 block.compile()
-        self.grad_sync = GradientSync(self.model, topology)
-        self.optimizer = build_optimizer(self.model, config.optim, self.device)
+        if config.engine.name == "deepspeed":  # imported only when asked for (DeepSpeed is slow to import)
+            from moe_train.train.deepspeed_engine import ZeroEngine
+
+            self.engine = ZeroEngine(self.model, config, topology, self.micro_batches_per_step, bf16=bf16)
+        else:
+            self.engine = NativeEngine(self.model, config, topology, self.micro_batches_per_step)
         self.checkpointer = Checkpointer(t.out_dir, topology, t.keep_last)
         self.progress = Progress()
         self.peak_flops = peak_flops(self.device)
@@ -96,7 +101,7 @@ class Trainer:
             return
         path = latest if t.resume == "auto" else Path(t.resume)
         if path is not None:
-            self.progress = self.checkpointer.load(path, self.model, self.optimizer)
+            self.progress = self.checkpointer.load(path, self.engine)
             log.info("resumed from %s at step %d", path, self.progress.step)
         elif t.init_from:
             load_weights(t.init_from, self.model, self.topology)
@@ -155,7 +160,7 @@ class Trainer:
                 out = self.model(micro[:, :-1])
                 lm = lm_loss(out.logits, micro[:, 1:])
             loss = lm + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.z_loss
-            (loss / self.micro_batches_per_step).backward()
+            self.engine.backward(loss)
             losses += torch.stack([lm, out.aux_loss, out.z_loss]).detach()
             if out.tokens_per_expert is not None:
                 counts = out.tokens_per_expert.float()
@@ -163,13 +168,8 @@ class Trainer:
                 tokens_per_expert = counts if tokens_per_expert is None else tokens_per_expert + counts
                 dropped = drops if dropped is None else dropped + drops
 
-        self.grad_sync.reduce()
-        grad_norm = self.grad_sync.clip(self.config.optim.grad_clip)
         lr = lr_at(self.progress.step, self.config.optim, t.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.step(lr)
         self.progress.step += 1
         self.progress.consumed_samples += t.global_batch_size
 
@@ -182,8 +182,11 @@ class Trainer:
             "aux_loss": aux,
             "z_loss": z,
             "lr": lr,
-            "grad_norm": grad_norm.item(),
+            "grad_norm": grad_norm,
         }
+        if self.progress.step == 1:  # this rank's optimizer memory, once (it does not change)
+            for kind, num_bytes in self.engine.optimizer_state_bytes().items():
+                metrics[f"optimizer_{kind}_mb"] = num_bytes / 2**20
         if tokens_per_expert is not None:
             metrics.update(self._expert_metrics(topo.all_reduce(tokens_per_expert), topo.all_reduce(dropped)))
         elapsed = time.perf_counter() - start_time

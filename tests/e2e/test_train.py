@@ -122,6 +122,10 @@ def test_cli_trains_writes_metrics_and_prints_samples(tmp_path, tiny_overrides):
         (["model.moe.top_k=9"], "error: model.moe.top_k=9 must be between 1 and model.moe.num_experts=8"),
         (["optim.lr=-1"], "error: optim.lr=-1.0 must be a positive number"),
         (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], "error: trainer.global_batch_size=6"),
+        (
+            ["engine=deepspeed", "engine.zero_stage=3"],
+            "error: engine.zero_stage=3: DeepSpeed does not support",
+        ),
     ],
 )
 def test_cli_bad_input_one_line_exit_2(args, message, tmp_path):

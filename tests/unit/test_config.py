@@ -6,6 +6,7 @@ from moe_train.config import (
     Config,
     ConfigError,
     DataConfig,
+    EngineConfig,
     ModelConfig,
     MoEConfig,
     OptimConfig,
@@ -50,6 +51,20 @@ from moe_train.tools.hydra_config import compose_config
             "parallel.ep=16 is larger than model.moe.num_experts=8",
         ),
         (lambda: MoEConfig(num_experts=8, capacity_factor=0.0), "model.moe.capacity_factor=0.0 must be > 0"),
+        (
+            lambda: EngineConfig(name="deepspeed", zero_stage=3),
+            "engine.zero_stage=3: DeepSpeed does not support ZeRO stage 3 with MoE layers; use stage 1 or 2",
+        ),
+        (lambda: EngineConfig(name="deepspeed", zero_stage=4), "engine.zero_stage=4 is not a ZeRO stage"),
+        (
+            lambda: EngineConfig(name="deepspeed", zero_stage=0, offload_optimizer=True),
+            "engine.offload_optimizer=true needs engine.zero_stage=1 or 2",
+        ),
+        (
+            lambda: EngineConfig(zero_stage=2),
+            "engine.zero_stage, engine.offload_optimizer and engine.deepspeed_config need engine=deepspeed",
+        ),
+        (lambda: EngineConfig(name="megatron"), "engine.name='megatron' is not allowed"),
     ],
 )
 def test_bad_values_name_the_key(build, message):

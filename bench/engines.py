@@ -1,0 +1,99 @@
+"""Native engine vs DeepSpeed ZeRO-1 / ZeRO-2 (/ ZeRO-Offload) on the same run: step time and
+optimizer memory per rank, on N gloo processes (CPU) or N GPUs.
+
+    python -m bench.engines                          # 2 processes, mixtral_tiny, ep=1 and ep=2
+    python -m bench.engines --world 2 --offload model=dbrx_tiny
+
+Optimizer memory is measured from each rank's optimizer tensors (Adam's moments; for ZeRO also the
+fp32 master copy of the rank's partition), not estimated. Step time: median over the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench.common import print_table, write_json
+from moe_train.parallel.spawn import run_ranks
+
+ENGINES = {
+    "native": [],
+    "zero1": ["engine=deepspeed", "engine.zero_stage=1"],
+    "zero2": ["engine=deepspeed", "engine.zero_stage=2"],
+    "zero2_offload": ["engine=deepspeed", "engine.zero_stage=2", "engine.offload_optimizer=true"],
+}
+
+
+def worker(rank: int, overrides: list[str], warmup: int, steps: int, result_dir: str) -> None:
+    from moe_train.parallel.topology import Topology
+    from moe_train.tools.hydra_config import compose_config
+    from moe_train.train.trainer import Trainer
+
+    config = compose_config(overrides)
+    trainer = Trainer(config, Topology.setup(config.parallel, config.trainer.device))
+    first = trainer.train_step()  # step 1 carries the optimizer memory
+    for _ in range(warmup - 1):
+        trainer.train_step()
+    timed = [trainer.train_step() for _ in range(steps)]
+    result = {
+        "step_s": statistics.median(m["step_time"] for m in timed),
+        "tokens_per_s": statistics.median(m["tokens_per_sec"] for m in timed),
+        "loss_last": timed[-1]["loss"],
+        **{k: v for k, v in first.items() if k.startswith("optimizer_")},
+    }
+    Path(result_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--eps", default="1,2")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--offload", action="store_true", help="also ZeRO-2 with optimizer offload")
+    args, overrides = parser.parse_known_args()
+    engines = {k: v for k, v in ENGINES.items() if args.offload or "offload" not in k}
+    rows = []
+    for ep in [int(e) for e in args.eps.split(",")]:
+        for name, engine in engines.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                run = [
+                    "data=stdlib_bytes",
+                    "trainer.global_batch_size=8",
+                    "trainer.micro_batch_size=2",
+                    "trainer.eval_every=0",
+                    "trainer.ckpt_every=0",
+                    "trainer.num_samples=0",
+                    "logging.wandb.mode=disabled",
+                    "logging.progress_bar=false",
+                    f"trainer.out_dir={tmp}/run",
+                    f"parallel.ep={ep}",
+                    *overrides,
+                    *engine,
+                ]
+                run_ranks(args.world, worker, run, args.warmup, args.steps, tmp, result_dir=tmp)
+                ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(args.world)]
+            rows.append(
+                {
+                    "engine": name,
+                    "ep": ep,
+                    "world": args.world,
+                    "step_s": statistics.mean(r["step_s"] for r in ranks),
+                    "tokens_per_s": ranks[0]["tokens_per_s"],
+                    "moments_mb_per_rank": max(r["optimizer_moments_mb"] for r in ranks),
+                    "master_mb_per_rank": max(r["optimizer_master_weights_mb"] for r in ranks),
+                    "loss_last": ranks[0]["loss_last"],
+                }
+            )
+    for row in rows:  # optimizer memory relative to the native engine at the same ep
+        native = next(r for r in rows if r["engine"] == "native" and r["ep"] == row["ep"])
+        row["moments_vs_native"] = row["moments_mb_per_rank"] / native["moments_mb_per_rank"]
+    print_table(rows, list(rows[0]))
+    write_json("engines", {"rows": rows, "overrides": overrides})
+
+
+if __name__ == "__main__":
+    main()
