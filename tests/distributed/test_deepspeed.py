@@ -51,6 +51,13 @@ def test_zero_matches_native(tmp_path, native, stage, ep):
     assert metrics[0]["optimizer_master_weights_mb"] == pytest.approx(ours / 2, rel=0.02)
 
 
+def test_offload_matches_native(tmp_path, native):
+    """ZeRO-Offload: states on the CPU, stepped by DeepSpeed's CPU Adam (a C++ op built on first use)."""
+    overrides = (*RUN, "engine=deepspeed", "engine.zero_stage=2", "engine.offload_optimizer=true")
+    metrics, params = train_run(tmp_path, "offload", 2, 2, *overrides)
+    assert_matches(metrics, params, *native[2], rtol=1e-4)
+
+
 def test_resume_and_convert(tmp_path, native):
     """Stop after 3 steps, resume to 5 through DeepSpeed's checkpoint: the uninterrupted run's losses.
     Then the checkpoint converts to the native format with the trained weights."""
