@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python -m bench.data
 	$(BIN)/python -m bench.moe_layer
 	$(BIN)/python -m bench.expert_parallel
+	$(BIN)/python -m bench.engines --offload
 	$(BIN)/python -m bench.train_e2e model=mixtral_tiny
 
 clean:
