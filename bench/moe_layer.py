@@ -232,6 +232,8 @@ def bench_shape(
         if dtype is None:  # fp32: a peer with the same weights must give our output
             print(f"{name}: {peer} max |output - ours| = {max_difference(module, layer, x, view):.2e}")
         contenders[peer] = step_fn(module, x, autocast, view)
+    if args.contenders:
+        contenders = {c: fn for c, fn in contenders.items() if c in args.contenders}
     contenders["dense_matmul"] = dense_swiglu(tokens * (top_k + shared), dim, hidden, device, dtype)
     results = time_interleaved(contenders, device, repeat=args.repeat)
     ceiling = flops / results["dense_matmul"]
@@ -264,6 +266,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per layer call")
     parser.add_argument("--width-divisor", type=int, default=None, help="scale dim and hidden down")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--contenders", nargs="+", default=None, help="a subset (dense_matmul always runs)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -274,7 +278,8 @@ def main() -> None:
 
     rows = []
     with deepspeed_world() as have_deepspeed:
-        for name, shape in SHAPES.items():
+        for name in args.shapes:
+            shape = SHAPES[name]
             rows += bench_shape(name, *shape, divisor, tokens, device, dtype, autocast, have_deepspeed, args)
     print(f"FLOPs per layer call, every contender: {FLOPS_FORMULA}; vs_ceiling = rate / dense_matmul's rate")
     print_table(

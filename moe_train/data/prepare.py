@@ -40,6 +40,7 @@ class PrepareResult:
     bpe_seconds: float
     workers: int
     dtype: str
+    engine: str  # what encoded: "tiktoken" (where it provably equals tokenizers) or "tokenizers"
 
     @property
     def mb_per_s(self) -> float:
@@ -49,7 +50,7 @@ class PrepareResult:
         return (
             f"{self.documents:,} documents ({self.skipped:,} skipped), {self.tokens:,} tokens, "
             f"{self.bytes / 1e6:.1f} MB of text in {self.seconds:.1f} s = {self.mb_per_s:.1f} MB/s "
-            f"with {self.workers} worker(s); wrote {self.prefix}.bin/.idx ({self.dtype}), "
+            f"with {self.workers} worker(s) ({self.engine}); wrote {self.prefix}.bin/.idx ({self.dtype}), "
             f"tokenizer {self.tokenizer}"
         )
 
@@ -86,24 +87,35 @@ _worker_tokenizer: HFTokenizer | None = None
 _worker_dtype: type[np.integer] | None = None
 
 
-def _init_worker(tokenizer_path: str, dtype) -> None:
+def _init_worker(tokenizer: HFTokenizer, dtype) -> None:
     global _worker_tokenizer, _worker_dtype
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
-    _worker_tokenizer, _worker_dtype = HFTokenizer(tokenizer_path), dtype
+    _worker_tokenizer, _worker_dtype = tokenizer, dtype
 
 
-def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
-    eos = _worker_tokenizer.eos_id
-    return [np.array([*ids, eos], dtype=_worker_dtype) for ids in _worker_tokenizer.encode_batch(texts)]
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids of the chunk's documents, each ending with the end-of-document token; their lengths)"""
+    ids, lengths = _worker_tokenizer.encode_documents(texts)
+    return ids.astype(_worker_dtype), lengths
 
 
-def _encoded(texts: Iterable[str], tokenizer_path: Path, dtype, workers: int) -> Iterator[list[np.ndarray]]:
+def _encoded(
+    texts: Iterable[str], tokenizer: HFTokenizer, dtype, workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     if workers == 1:
-        _init_worker(str(tokenizer_path), dtype)
+        _init_worker(tokenizer, dtype)
         yield from map(_encode_chunk, _chunks(texts))
         return
-    with multiprocessing.get_context().Pool(workers, _init_worker, (str(tokenizer_path), dtype)) as pool:
+    with multiprocessing.get_context().Pool(workers, _init_worker, (tokenizer, dtype)) as pool:
         yield from pool.imap(_encode_chunk, _chunks(texts))
+
+
+def _add_documents(builder, ids: np.ndarray, lengths: np.ndarray) -> None:
+    """builder.add_document for each document of a chunk (one sequence each), in one write."""
+    builder.data_file.write(ids.tobytes(order="C"))
+    first = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(lengths.tolist())
+    builder.document_indices.extend(range(first + 1, first + 1 + lengths.size))
 
 
 def _remove(*paths: Path) -> None:
@@ -150,18 +162,19 @@ def prepare(
             tokenizer = prefix.parent / "tokenizer.json"
             os.replace(tmp_tok, tokenizer)
             bpe_seconds = time.perf_counter() - start
-        tokenizer = Path(tokenizer)
-        dtype = smallest_dtype(HFTokenizer(tokenizer).vocab_size)
+        tokenizer = HFTokenizer(tokenizer)
+        dtype = smallest_dtype(tokenizer.vocab_size)
+        engine = "tokenizers" if tokenizer.tiktoken is None else "tiktoken"  # decided once, here
+        builder_class = megatron_datasets().indexed_dataset.IndexedDatasetBuilder  # imports take seconds
 
         start = time.perf_counter()
         reader = DocumentReader(files, text_field, on_missing)
-        builder = megatron_datasets().indexed_dataset.IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+        builder = builder_class(str(tmp_bin), dtype=dtype)
         tokens = 0
         with tqdm(desc="tokenize", unit="B", unit_scale=True, disable=not progress) as bar:
-            for arrays in _encoded(reader, tokenizer, dtype, workers):
-                for ids in arrays:
-                    builder.add_document(ids, [ids.size])
-                    tokens += ids.size
+            for ids, lengths in _encoded(reader, tokenizer, dtype, workers):
+                _add_documents(builder, ids, lengths)
+                tokens += ids.size
                 bar.update(reader.stats.bytes - bar.n)
         if reader.stats.documents == 0:
             raise ConfigError(
@@ -176,7 +189,7 @@ def prepare(
         raise
     return PrepareResult(
         prefix,
-        tokenizer,
+        tokenizer.path,
         reader.stats.documents,
         reader.stats.skipped,
         tokens,
@@ -185,4 +198,5 @@ def prepare(
         bpe_seconds,
         workers,
         np.dtype(dtype).name,
+        engine,
     )

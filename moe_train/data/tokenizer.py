@@ -3,10 +3,14 @@ or a byte-level BPE trained on the corpus itself). Nothing is downloaded."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+
 from moe_train.config import ConfigError
+from moe_train.data.tiktoken_bpe import TiktokenBPE
 
 # The end-of-document token a trained BPE gets, and the names recognised in a user's tokenizer.json.
 EOS_TOKEN = "<|endoftext|>"
@@ -61,6 +65,23 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    @functools.cached_property
+    def tiktoken(self) -> TiktokenBPE | None:
+        """tiktoken with this vocabulary, where it provably gives `tokenizers`' ids (about 3x faster)."""
+        return TiktokenBPE.load(self.path)
+
+    def encode_documents(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of `texts`, each followed by the end-of-document token, in one int64 array; and the
+        length of each document, that token included."""
+        if self.tiktoken is not None:
+            docs = [self.tiktoken.encode(text) for text in texts]
+        else:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            docs = [np.array(e.ids, dtype=np.int64) for e in encodings]
+        eos = np.array([self.eos_id], dtype=np.int64)
+        ids = np.concatenate([part for doc in docs for part in (doc, eos)]) if docs else eos[:0]
+        return ids, np.array([doc.size + 1 for doc in docs], dtype=np.int64)
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> HFTokenizer:
     """Train a byte-level BPE (every byte is in the alphabet, so any text round-trips) with
@@ -78,6 +99,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> HFToke
             f"vocab_size={vocab_size} must be at least {len(alphabet) + 1} for a byte-level BPE"
         )
     tokenizer = Tokenizer(models.BPE())
+    # tiktoken_bpe.LINE_PRE_TOKENIZER is this, as JSON: what TiktokenBPE reproduces
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split("\n", "merged_with_previous"),

@@ -104,8 +104,16 @@ def cli(*args, cwd=ROOT):
     )
 
 
-def test_cli_trains_writes_metrics_and_prints_samples(tmp_path, tiny_overrides):
-    result = cli(*tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=2", "logging.wandb.mode=offline")
+@pytest.mark.parametrize("engine", ["native", "deepspeed"])
+def test_cli_trains_writes_metrics_and_prints_samples(tmp_path, tiny_overrides, engine):
+    """Either engine: the same metrics, validation, samples, checkpoints and wandb run."""
+    result = cli(
+        *tiny_overrides,
+        "trainer.max_steps=4",
+        "trainer.eval_every=2",
+        "logging.wandb.mode=offline",
+        f"engine={engine}",
+    )
     assert result.returncode == 0, result.stderr
     assert "----- sample 1 -----" in result.stdout
     run_dir = tmp_path / "run"
