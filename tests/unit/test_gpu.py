@@ -44,7 +44,9 @@ def test_moe_layer_under_bf16_autocast_matches_fp32():
     assert (out.float() - ref).norm() / ref.norm() < 2e-2
 
 
-def test_train_steps_bf16_on_gpu(tmp_path):
+@pytest.mark.parametrize("engine", ["native", "deepspeed"])
+def test_train_steps_bf16_on_gpu(tmp_path, engine):
+    """bf16 on one GPU: autocast (native) or DeepSpeed's bf16 with fp32 master weights (ZeRO-1)."""
     from moe_train.tools.hydra_config import compose_config
     from moe_train.train.metrics import read_metrics
     from moe_train.train.trainer import run
@@ -58,6 +60,7 @@ def test_train_steps_bf16_on_gpu(tmp_path):
             "trainer.device=cuda",
             "model.dim=128",
             "model.ffn_hidden_dim=256",
+            f"engine={engine}",
         ]
     )
     run(config)
