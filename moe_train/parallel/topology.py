@@ -133,5 +133,5 @@ class Topology:
                 dist.barrier()
 
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
+        if dist.is_initialized():  # also the world of one engine=deepspeed makes on one process
             dist.destroy_process_group()

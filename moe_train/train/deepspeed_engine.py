@@ -106,7 +106,8 @@ def _init_distributed(topology: Topology) -> None:
     """DeepSpeed's communication layer over our process group (a world of one on one process)."""
     os.environ.setdefault("LOCAL_RANK", str(topology.local_rank))  # absent on one process or under SLURM
     if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "nccl" if topology.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
 
 
