@@ -83,12 +83,14 @@ def test_resume_and_convert(tmp_path, native):
         convert(out, tmp_path / "again")
 
 
-def test_resume_across_engines_is_refused(tmp_path, native):
-    """A DeepSpeed checkpoint does not resume under engine=native (one line naming both)."""
+def test_resume_across_engines_or_layouts_is_refused(tmp_path, native):
+    """A DeepSpeed checkpoint does not resume under engine=native, nor at another ep (one line each)."""
     run = tmp_path / "run"
     train_run(
         tmp_path, "ds", 2, 1, "trainer.max_steps=2", "engine=deepspeed", "trainer.ckpt_every=2", out_dir=run
     )
     with pytest.raises(Exception, match="written by engine=deepspeed and this run uses engine=native"):
         train_run(tmp_path, "native", 2, 1, "trainer.max_steps=4", "trainer.resume=auto", out_dir=run)
+    with pytest.raises(Exception, match="was written with parallel.ep=1 on 2 ranks and resumes only at"):
+        train_run(tmp_path, "ep2", 2, 2, "trainer.max_steps=4", "engine=deepspeed", out_dir=run)
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
