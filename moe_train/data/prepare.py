@@ -2,8 +2,10 @@
 
 Documents are read in the parent, tokenized in chunks by a pool of worker processes (order kept),
 each followed by the end-of-document token, and written with the smallest integer dtype that holds
-the vocabulary. Output is written under temporary names and renamed at the end (.idx last), so an
-interrupted run never leaves a pair that looks complete.
+the vocabulary, a chunk at a time. The encoder is tiktoken where it provably gives `tokenizers`' ids
+(the line-level BPEs we train, see tiktoken_bpe), `tokenizers` otherwise. Output is written under
+temporary names and renamed at the end (.idx last), so an interrupted run never leaves a pair that
+looks complete.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_round_trip_text_prepare_dataset_text(corpora):
     texts, dataset = read_back(root / "both" / "both", tokenizer)
     assert texts == documents(100, "alpha") + documents(60, "beta")
     assert all(dataset[i][-1] == tokenizer.eos_id for i in range(len(dataset)))  # end-of-document token
-    assert trained.documents == 160 and trained.dtype == "uint16"
+    assert trained.documents == 160 and trained.dtype == "uint16" and trained.engine == "tiktoken"
     assert trained.tokens == sum(len(dataset[i]) for i in range(len(dataset)))
     # 1 worker and 2 workers write the same bytes
     one = prepare(
@@ -68,6 +68,32 @@ def test_round_trip_text_prepare_dataset_text(corpora):
         progress=False,
     )
     assert Path(f"{one.prefix}.bin").read_bytes() == Path(f"{root}/alpha/alpha.bin").read_bytes()
+
+
+def test_a_user_tokenizer_tiktoken_cannot_reproduce_is_encoded_by_tokenizers(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    gpt2 = Tokenizer(models.BPE())
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's regex
+    gpt2.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    gpt2.train_from_iterator(
+        documents(50, "delta"),
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], initial_alphabet=alphabet),
+    )
+    gpt2.save(str(tmp_path / "tokenizer.json"))
+    texts = documents(40, "delta") + ["", "é 😀\n\n  x"]
+    source = jsonl(tmp_path / "src.jsonl", texts)
+    result = prepare(
+        [source], tmp_path / "d", tokenizer=tmp_path / "tokenizer.json", workers=2, progress=False
+    )
+    assert result.engine == "tokenizers"
+    tokenizer = HFTokenizer(tmp_path / "tokenizer.json")
+    decoded, dataset = read_back(tmp_path / "d", tokenizer)
+    assert decoded == texts
+    assert [dataset[i].tolist() for i in range(len(dataset))] == [
+        [*tokenizer.encode(t), tokenizer.eos_id] for t in texts
+    ]
 
 
 def build(root, prefixes, weights=None, split="80,20,0", num_train=400, num_valid=40, seed=1):
