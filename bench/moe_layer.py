@@ -1,11 +1,13 @@
 """One MoE layer, forward and backward, at Mixtral-, DBRX- and DeepSeekMoE-like shapes.
 
     python -m bench.moe_layer            # CPU shapes scaled down by 8 in width; real widths on a GPU
+    python -m bench.moe_layer --shapes deepseekmoe --contenders ours deepspeed   # a subset
 
 Contenders, same shapes and (where the layout allows) the same weights, all in one run:
-  ours          moe_train's MoE layer (grouped GEMM on Hopper GPUs, loop over experts elsewhere:
-                on a CPU ours and loop are the same code, and their gap is the timing noise)
-  loop          the same layer with the loop over experts forced (the reference path)
+  ours          moe_train's MoE layer: grouped GEMM on Hopper GPUs; elsewhere the fused expert loop
+                (products written in place, hand-written backward, elementwise work per expert block)
+  loop          the same layer with autograd's loop over experts forced (the reference path; the
+                dispatch, permutation and combine are shared with ours)
   hf_mixtral    transformers' MixtralSparseMoeBlock, if transformers is installed; at the shape with
                 shared experts our shared SwiGLU is added to its output (the block has none)
   deepspeed     deepspeed.moe.layer.MoE (ep_size=1 on a world-of-one gloo group), a ModuleList of

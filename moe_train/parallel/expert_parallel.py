@@ -7,6 +7,8 @@ expert-parallel group keeps experts [i * E/ep, (i + 1) * E/ep). Its dispatcher t
 3. sends each token to its expert's rank (all_to_all_single, uneven splits),
 4. regroups what it received by local expert, so every local expert has one contiguous slice,
 and `combine` undoes 4, 3 and 1 in reverse order. Backward runs the same exchanges reversed.
+The router weights of the rows travel with them (one more all-to-all of one float per row), so
+the experts scale their hidden activations as on one device and both paths share MoE._routed.
 
 Shape legend: N local tokens, D dim, E experts, El = E / ep local experts, R rows received.
 """
@@ -53,12 +55,28 @@ class _AllToAll(torch.autograd.Function):
 class ExpertParallelState:
     local: DispatchState  # undoes the sort by global expert
     regroup: torch.Tensor  # (R,) received row of each row in local-expert order
+    ungroup: torch.Tensor  # (R,) the inverse permutation: row in local-expert order of each received row
+    row_weights: torch.Tensor  # (R,) router weight of each row handed to the local experts
     send_splits: list[int]  # rows sent to each rank of the group
     recv_splits: list[int]  # rows received from each rank of the group
 
     @property
     def num_dropped(self) -> int:
         return self.local.num_dropped
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows[perm] with its inverse permutation as the backward (a gather, not a scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, rows, perm, inverse):
+        ctx.save_for_backward(perm, inverse)
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        perm, inverse = ctx.saved_tensors
+        return _PermuteRows.apply(grad.contiguous(), inverse, perm), None, None
 
 
 class AllToAllDispatcher(LocalDispatcher):
@@ -86,17 +104,23 @@ class AllToAllDispatcher(LocalDispatcher):
         send_splits = tokens_per_expert.view(ep, El).sum(dim=1).tolist()
         recv_splits = recv_counts.sum(dim=1).tolist()
         x_recv = _AllToAll.apply(x_sorted, recv_splits, send_splits, self.group, "tokens")  # (R, D)
+        # the router weights travel with their rows, so the experts can apply them (see MoE._routed)
+        weights = local_state.row_weights.unsqueeze(-1)  # (S, 1)
+        w_recv = _AllToAll.apply(weights, recv_splits, send_splits, self.group, "router weights")  # (R, 1)
         # received rows are ordered (source rank, local expert); experts need (local expert, source)
         local_expert = torch.arange(El, device=x.device).repeat(ep)  # (ep * El,)
         row_expert = local_expert.repeat_interleave(recv_counts.flatten())  # (R,)
         regroup = row_expert.argsort(stable=True)
-        state = ExpertParallelState(local_state, regroup, send_splits, recv_splits)
-        return x_recv[regroup], recv_counts.sum(dim=0), state
+        ungroup = torch.empty_like(regroup)
+        ungroup[regroup] = torch.arange(regroup.numel(), device=x.device)
+        row_weights = _PermuteRows.apply(w_recv, regroup, ungroup).squeeze(-1)  # (R,)
+        state = ExpertParallelState(local_state, regroup, ungroup, row_weights, send_splits, recv_splits)
+        return _PermuteRows.apply(x_recv, regroup, ungroup), recv_counts.sum(dim=0), state
 
-    def combine(self, y: torch.Tensor, state: ExpertParallelState) -> torch.Tensor:
-        y_recv = torch.zeros_like(y).index_copy(0, state.regroup, y)  # back to (source, expert) order
+    def combine(self, y: torch.Tensor, state: ExpertParallelState, weighted: bool = True) -> torch.Tensor:
+        y_recv = _PermuteRows.apply(y, state.ungroup, state.regroup)  # back to (source, expert) order
         y_sorted = _AllToAll.apply(y_recv, state.send_splits, state.recv_splits, self.group, "expert outputs")
-        return self.unpermute(y_sorted, state.local)
+        return self.unpermute(y_sorted, state.local, weighted)
 
 
 def apply_expert_parallel(model: nn.Module, topology: Topology) -> None:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_train.model.moe import (
+    GroupedExperts,
     LocalDispatcher,
     MoE,
     Routing,
@@ -114,6 +115,89 @@ def test_permutation_round_trip(name, experts):
     assert torch.equal(expert_of_row, experts.flatten()[state.order])
     # identity experts + weights 1/k: combine gives every token back in its place
     torch.testing.assert_close(dispatcher.unpermute(x_sorted, state), x)
+
+
+ADVERSARIAL_COUNTS = {
+    "random": [5, 0, 9, 3, 0, 7, 1, 5],
+    "all rows to one expert": [0, 0, 0, 30, 0, 0, 0, 0],
+    "most experts empty": [12, 0, 0, 0, 0, 0, 0, 18],
+    "one row": [0, 0, 0, 0, 0, 1, 0, 0],
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL_COUNTS))
+@pytest.mark.parametrize("weighted", [True, False])
+def test_fused_expert_loop_matches_loop_reference(name, weighted):
+    """The CPU path (mm with out=, hand-written backward) against the autograd loop: outputs and
+    the gradients of x, the row weights and every expert weight (zero for experts with no rows)."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 16, 24)
+    counts = torch.tensor(ADVERSARIAL_COUNTS[name])
+    x = torch.randn(int(counts.sum()), 16, requires_grad=True)
+    row_weights = torch.rand(x.shape[0], requires_grad=True) if weighted else None
+    inputs = [x, *experts.parameters()] + ([row_weights] if weighted else [])
+    out = experts(x, counts, row_weights)
+    ref = experts._forward_loop(x, counts, row_weights)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    grads_ref = torch.autograd.grad(ref, inputs, grad_out)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    for e in (counts == 0).nonzero().flatten().tolist():
+        assert not grads[1][e].any() and not grads[2][e].any() and not grads[3][e].any()
+
+
+@pytest.mark.parametrize(
+    "name,experts",
+    [
+        ("random", torch.randint(0, 8, (50, 2))),
+        ("all tokens to one expert", torch.full((50, 2), 3)),
+        ("most experts empty", torch.tensor([[0, 7]] * 50)),
+    ],
+)
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_permutation_gradients_match_indexing_reference(name, experts, capacity_factor):
+    """permute/unpermute (gathers that are each other's adjoint, or index_add with drops) against
+    plain indexing: forward rows, combined output, and gradients of x and the router weights."""
+    dispatcher = LocalDispatcher(num_experts=8, top_k=2, capacity_factor=capacity_factor)
+    routing = routing_of(experts, 8)
+    routing.weights = torch.rand(experts.shape).requires_grad_()
+    x = torch.randn(experts.shape[0], 4, requires_grad=True)
+    x_sorted, counts, state = dispatcher.permute(x, routing)
+    y = x_sorted * torch.arange(1, x_sorted.shape[0] + 1).unsqueeze(-1)  # rows differ, as experts do
+    out = dispatcher.unpermute(y, state)
+
+    order = experts.flatten().argsort(stable=True)
+    if capacity_factor is not None:
+        capacity = dispatcher.capacity(experts.shape[0])
+        starts = torch.cumsum(torch.bincount(experts.flatten(), minlength=8), 0)
+        starts = starts - torch.bincount(experts.flatten(), minlength=8)
+        rank_in_expert = torch.arange(order.numel()) - starts[experts.flatten()[order]]
+        order = order[rank_in_expert < capacity]
+    ref_sorted = x[order // 2]
+    ref_y = ref_sorted * torch.arange(1, order.numel() + 1).unsqueeze(-1)
+    ref = torch.zeros_like(x).index_put(
+        (order // 2,), ref_y * routing.weights.flatten()[order, None], accumulate=True
+    )
+    assert torch.equal(x_sorted, ref_sorted)
+    assert state.num_dropped == experts.numel() - order.numel()
+    torch.testing.assert_close(out, ref)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, routing.weights], grad_out)
+    grads_ref = torch.autograd.grad(ref, [x, routing.weights], grad_out)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_unweighted_combine_with_weights_applied_by_the_experts_matches_weighted():
+    moe = make_moe(8, 2)
+    x = torch.randn(30, 16)
+    routing = moe.router(x)
+    x_sorted, counts, state = moe.dispatcher.dispatch(x, routing)
+    weighted = moe.dispatcher.combine(moe.experts(x_sorted, counts), state)
+    folded = moe.dispatcher.combine(moe.experts(x_sorted, counts, state.row_weights), state, weighted=False)
+    torch.testing.assert_close(folded, weighted, rtol=1e-5, atol=1e-6)
 
 
 def test_load_balancing_loss_hand_computed():
