@@ -192,8 +192,8 @@ def grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 class _ExpertLoop(torch.autograd.Function):
     """The loop over experts with a hand-written backward. Each expert's products write into its
-    rows of one preallocated buffer (mm with out=), and its elementwise ops run right after its
-    products, on (n_e, F) blocks that are still in cache.
+    rows of one preallocated (S, D) output (mm with out=), and its elementwise ops run right after
+    its products, on (n_e, F) blocks that are still in cache.
 
     Autograd's version of the same loop pays for what the dim-256 fine-grained shape cannot hide:
     a cat of the expert outputs, a split and cat of their gradients, a stack of the weight
@@ -205,65 +205,54 @@ class _ExpertLoop(torch.autograd.Function):
     def forward(ctx, x, counts: list[int], row_weights, w1, w3, w2):
         # x (S, D) grouped by expert; row_weights (S,); w1, w3 (El, D, F); w2 (El, F, D)
         scale = row_weights.to(x.dtype).unsqueeze(-1)  # (S, 1)
-        gate = x.new_empty(x.shape[0], w1.shape[-1])  # (S, F)
-        up, act, h = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(gate)
         y = torch.empty_like(x)  # (S, D)
-        # one split / unbind per tensor rather than a slice per expert: E is 64 and more
-        per_row = (t.split(counts) for t in (x, scale, gate, up, act, h, y))
-        for x_e, s_e, gate_e, up_e, act_e, h_e, y_e, w1_e, w3_e, w2_e in zip(
-            *per_row, w1.unbind(0), w3.unbind(0), w2.unbind(0)
+        # (n_e, F) blocks per expert, not (S, F) buffers: at the Mixtral shape those are 58 MB each,
+        # past glibc's mmap threshold, and page-faulting them in every step cost 6% of the layer.
+        # One split / unbind per tensor rather than a slice per expert: E is 64 and more.
+        saved = []  # (gate, up, act, h) of each expert with rows
+        for x_e, s_e, y_e, w1_e, w3_e, w2_e in zip(
+            x.split(counts), scale.split(counts), y.split(counts), w1.unbind(0), w3.unbind(0), w2.unbind(0)
         ):
             if x_e.shape[0]:
-                torch.mm(x_e, w1_e, out=gate_e)
-                torch.mm(x_e, w3_e, out=up_e)
-                torch.mul(torch.ops.aten.silu.out(gate_e, out=act_e), up_e, out=h_e)
-                torch.mm(h_e.mul_(s_e), w2_e, out=y_e)  # h scaled by the router weight
-        ctx.save_for_backward(x, scale, w1, w3, w2, gate, up, act, h)
-        ctx.counts, ctx.weights_dtype = counts, row_weights.dtype
+                gate, up = x_e @ w1_e, x_e @ w3_e  # (n_e, F)
+                act = F.silu(gate)
+                h = (act * up).mul_(s_e)  # scaled by the router weight
+                torch.mm(h, w2_e, out=y_e)
+                saved.append((gate, up, act, h))
+        ctx.save_for_backward(x, scale, w1, w3, w2)
+        ctx.blocks, ctx.counts, ctx.weights_dtype = saved, counts, row_weights.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, scale, w1, w3, w2, gate, up, act, h = ctx.saved_tensors
-        counts = ctx.counts
+        x, scale, w1, w3, w2 = ctx.saved_tensors
+        counts, blocks = ctx.counts, iter(ctx.blocks)
         # every buffer is written for every expert with rows; experts without rows get zero grads
         grad_x = torch.empty_like(x)
         grad_r = scale.new_empty(scale.shape[0])  # (S,)
         grad_w1, grad_w3, grad_w2 = (_zeros_for_empty(w, counts) for w in (w1, w3, w2))
-        per_row = (t.split(counts) for t in (scale, gate, up, act, grad_y.contiguous(), grad_x, grad_r))
+        per_row = (t.split(counts) for t in (scale, grad_y.contiguous(), grad_x, grad_r))
         # transposed views made by one call each, not by a .T per expert (64+ experts, 6 products)
-        x_t, h_t = (t.T.split(counts, dim=1) for t in (x, h))  # (D, n_e), (F, n_e)
+        x_t = x.T.split(counts, dim=1)  # (D, n_e)
         w_t = (w.transpose(1, 2).unbind(0) for w in (w1, w3, w2))
         per_expert = (t.unbind(0) for t in (grad_w1, grad_w3, grad_w2))
-        for (
-            s_e,
-            gate_e,
-            up_e,
-            act_e,
-            gy_e,
-            gx_e,
-            gr_e,
-            xt_e,
-            ht_e,
-            w1t_e,
-            w3t_e,
-            w2t_e,
-            gw1_e,
-            gw3_e,
-            gw2_e,
-        ) in zip(*per_row, x_t, h_t, *w_t, *per_expert):
+        for s_e, gy_e, gx_e, gr_e, xt_e, w1t_e, w3t_e, w2t_e, gw1_e, gw3_e, gw2_e in zip(
+            *per_row, x_t, *w_t, *per_expert
+        ):
             if not gy_e.shape[0]:
                 continue
+            gate, up, act, h = next(blocks)
             grad_h = gy_e @ w2t_e  # (n_e, F), of the scaled h
-            torch.mm(ht_e, gy_e, out=gw2_e)
-            grad_up = grad_h * act_e  # of up, divided by the scale
-            torch.linalg.vecdot(grad_up, up_e, out=gr_e)  # of the router weight
+            torch.mm(h.T, gy_e, out=gw2_e)
+            grad_up = grad_h * act  # of up, divided by the scale
+            torch.linalg.vecdot(grad_up, up, out=gr_e)  # of the router weight
             grad_up.mul_(s_e)
-            grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(up_e).mul_(s_e), gate_e)
+            grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(up).mul_(s_e), gate)
             torch.mm(grad_gate, w1t_e, out=gx_e)
             gx_e.addmm_(grad_up, w3t_e)
             torch.mm(xt_e, grad_gate, out=gw1_e)
             torch.mm(xt_e, grad_up, out=gw3_e)
+        del ctx.blocks
         grads = (grad_x, None, grad_r.to(ctx.weights_dtype), grad_w1, grad_w3, grad_w2)
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
