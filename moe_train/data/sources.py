@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,9 @@ from pathlib import Path
 from moe_train.config import ConfigError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+# JSON may escape half of a surrogate pair ("\ud800"): such text has no UTF-8 form, and no tokenizer
+# takes it. Each lone half becomes U+FFFD, as undecodable bytes do in .txt files.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _supported(path: Path) -> bool:
@@ -85,7 +89,7 @@ class DocumentReader:
                     if not isinstance(text, str):
                         self._missing(f"{path}:{number}", f"no text field {self.text_field!r}")
                         continue
-                    yield text
+                    yield _LONE_SURROGATE.sub("\ufffd", text)
         elif name.endswith(".parquet"):
             yield from self._read_parquet(path)
         else:  # plain text: the whole file is one document

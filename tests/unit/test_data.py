@@ -90,6 +90,14 @@ def test_sources_read_every_format_and_count_skipped_records(tmp_path):
     assert (reader.stats.documents, reader.stats.skipped) == (6, 3)
 
 
+def test_lone_surrogates_in_json_become_replacement_characters(tmp_path):
+    """json.loads keeps an escaped lone surrogate, which has no UTF-8 form; a pair stays a character."""
+    (tmp_path / "s.jsonl").write_text('{"text": "a\\ud800b \\ud83d\\ude00 \\udfff"}\n')
+    reader = DocumentReader([tmp_path / "s.jsonl"])
+    assert list(reader) == ["a\ufffdb \U0001f600 \ufffd"]
+    assert reader.stats.bytes == len("a\ufffdb \U0001f600 \ufffd".encode())
+
+
 def test_sources_fail_on_a_missing_field_when_asked(tmp_path):
     write_corpus(tmp_path)
     with pytest.raises(ConfigError, match=r"b.jsonl:2: no text field 'text'"):
