@@ -322,7 +322,11 @@ def check_zero_stage(stage, key: str) -> None:
             f"{key}=3: DeepSpeed does not support ZeRO stage 3 with MoE layers; use stage 1 or 2 "
             "(optimizer states, and at 2 gradients, sharded) and parallel.ep to shard the experts"
         )
-    _check(stage in (0, 1, 2), f"{key}={stage} is not a ZeRO stage; allowed: 0 (none), 1, 2")
+    if stage == 0:
+        raise ConfigError(f"{key}=0 shards nothing: use engine=native for that, or stage 1 or 2")
+    _check(
+        stage in (1, 2), f"{key}={stage} is not a ZeRO stage; allowed: 1 (optimizer states), 2 (+ gradients)"
+    )
 
 
 @dataclass
@@ -331,7 +335,7 @@ class EngineConfig:
     """`native` (our gradient averaging, AdamW, DCP checkpoints) or `deepspeed` (DeepSpeed's engine
     with ZeRO sharding the optimizer states; checkpoints in DeepSpeed's format)."""
     zero_stage: int = 1
-    """deepspeed: 0 (none), 1 (optimizer states sharded), 2 (+ gradients). Stage 3 does not support MoE."""
+    """deepspeed: 1 (optimizer states sharded), 2 (+ gradients). Stage 3 does not support MoE."""
     offload_optimizer: bool = False
     """deepspeed: keep optimizer states on the CPU and step there (ZeRO-Offload, DeepSpeed's CPU Adam)."""
     deepspeed_config: str | None = None
@@ -347,10 +351,6 @@ class EngineConfig:
                 "engine.zero_stage, engine.offload_optimizer and engine.deepspeed_config "
                 "need engine=deepspeed",
             )
-        _check(
-            not (self.offload_optimizer and self.zero_stage == 0),
-            "engine.offload_optimizer=true needs engine.zero_stage=1 or 2 (ZeRO-Offload)",
-        )
 
 
 @dataclass

@@ -160,8 +160,6 @@ class ZeroEngine:
         kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         if self.config["zero_optimization"]["offload_optimizer"].get("device", "none") == "none":
             return torch.optim.AdamW(groups, **kwargs)
-        if self.config["zero_optimization"].get("stage", 0) == 0:
-            raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage=1 or 2 (ZeRO-Offload)")
         try:  # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam (a C++ op built on first use)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

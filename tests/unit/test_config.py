@@ -57,8 +57,8 @@ from moe_train.tools.hydra_config import compose_config
         ),
         (lambda: EngineConfig(name="deepspeed", zero_stage=4), "engine.zero_stage=4 is not a ZeRO stage"),
         (
-            lambda: EngineConfig(name="deepspeed", zero_stage=0, offload_optimizer=True),
-            "engine.offload_optimizer=true needs engine.zero_stage=1 or 2",
+            lambda: EngineConfig(name="deepspeed", zero_stage=0),
+            "engine.zero_stage=0 shards nothing: use engine=native for that",
         ),
         (
             lambda: EngineConfig(zero_stage=2),

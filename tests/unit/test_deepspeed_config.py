@@ -56,6 +56,7 @@ def test_user_json_merges_over_it(tmp_path):
             {"zero_optimization": {"stage": 3}},
             "zero_optimization.stage=3: DeepSpeed does not support ZeRO stage 3",
         ),
+        ({"zero_optimization": {"stage": 0}}, "zero_optimization.stage=0 shards nothing"),
         ("{not json", "is not valid JSON"),
         ("[1, 2]", "must hold a JSON object"),
     ],
