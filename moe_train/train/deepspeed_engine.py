@@ -35,7 +35,7 @@ from moe_train.config import Config, ConfigError, check_zero_stage
 from moe_train.model.moe import MoE
 from moe_train.parallel.data_parallel import is_expert_param
 from moe_train.parallel.topology import Topology
-from moe_train.train.checkpoint import DEEPSPEED_MODEL_STATES, load_config
+from moe_train.train.checkpoint import load_config
 from moe_train.train.engine import tensor_bytes
 from moe_train.train.optim import param_groups
 
@@ -202,12 +202,12 @@ class ZeroEngine:
 
     def load(self, folder: Path, progress: dict) -> dict:
         """Restore model, optimizer partitions in place (same world size and ep as when saved)."""
-        saved = load_config(folder).parallel.ep, _saved_world_size(folder)
-        if saved != (self.topology.ep, self.topology.world_size):
+        saved_ep = load_config(folder).parallel.ep
+        if saved_ep != self.topology.ep:  # a changed world size is refused by DeepSpeed's own check
             raise ConfigError(
-                f"DeepSpeed checkpoint {folder} was written with parallel.ep={saved[0]} on {saved[1]} "
-                f"ranks and resumes only at that layout (this run: parallel.ep={self.topology.ep} on "
-                f"{self.topology.world_size}); to change it, start from its weights with trainer.init_from"
+                f"DeepSpeed checkpoint {folder} was written with parallel.ep={saved_ep} and resumes only "
+                f"at that layout (this run: parallel.ep={self.topology.ep}); to change it, start from its "
+                "weights with trainer.init_from"
             )
         try:
             _, client_state = self.engine.load_checkpoint(
@@ -225,11 +225,6 @@ class ZeroEngine:
                 f"cannot resume from DeepSpeed checkpoint {folder}: DeepSpeed could not read it"
             )
         return {k: client_state[k] for k in progress}
-
-
-def _saved_world_size(folder: Path) -> int:
-    state = torch.load(folder / DEEPSPEED_MODEL_STATES, map_location="cpu", weights_only=False)
-    return int(state["dp_world_size"])
 
 
 def _first_line(err: BaseException) -> str:

@@ -18,6 +18,7 @@ from moe_train.config import Config
 from moe_train.parallel.data_parallel import GradientSync
 from moe_train.parallel.expert_parallel import expert_shards_to_dtensors
 from moe_train.parallel.topology import Topology
+from moe_train.train.checkpoint import dcp_load
 from moe_train.train.optim import build_optimizer
 
 
@@ -69,8 +70,6 @@ class NativeEngine:
 
     def load(self, folder: Path, progress: dict) -> dict:
         """Restore model and optimizer in place at any expert layout; returns the saved `progress`."""
-        from moe_train.train.checkpoint import dcp_load
-
         state = dcp_load(self._state(progress), folder, self.topology)
         self.model.load_state_dict(state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])

@@ -93,18 +93,7 @@ def test_import_a_transformers_mistral_and_train_from_it(tmp_path):
     model_config, ours = load_model(out)
     assert model_config.model.max_seq_len == 32  # the sliding window
     assert logits_agree(ours, mistral, 256) < 1e-4
-    run(
-        compose_config(
-            [
-                *TINY,
-                f"trainer.out_dir={tmp_path / 'run'}",
-                f"trainer.init_from={out}",
-                "trainer.max_steps=2",
-                "trainer.num_samples=0",
-                "trainer.eval_every=0",
-            ]
-        )
-    )
+    trained(tmp_path, f"trainer.init_from={out}")
 
 
 def test_shared_experts_round_trip_through_qwen2_moe_and_gated_ones_are_refused(tmp_path):
@@ -164,18 +153,7 @@ def test_upcycled_full_copies_compute_the_dense_model_and_train_on(tmp_path):
     tokens = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(moe(tokens).logits, dense(tokens).logits, rtol=1e-5, atol=1e-5)
-    run(
-        compose_config(
-            [
-                *TINY,
-                f"trainer.out_dir={tmp_path / 'run'}",
-                f"trainer.init_from={out}",
-                "trainer.max_steps=2",
-                "trainer.num_samples=0",
-                "trainer.eval_every=0",
-            ]
-        )
-    )
+    trained(tmp_path, f"trainer.init_from={out}")
 
 
 def test_fine_grained_upcycling_starts_close_and_bad_granularity_is_refused(tmp_path):
@@ -209,15 +187,4 @@ def test_depth_upscaling_stacks_two_trimmed_copies(tmp_path, preset):
             assert torch.equal(new[name.replace(f"layers.{j}.", f"layers.{i}.", 1)], old[name])
     with pytest.raises(ConfigError, match="--drop=3 must be between 0 and n/2 = 2"):
         depth_upscale(src, tmp_path / "bad", drop=3)
-    run(
-        compose_config(
-            [
-                *TINY,
-                f"trainer.out_dir={tmp_path / 'run'}",
-                f"trainer.init_from={out}",
-                "trainer.max_steps=2",
-                "trainer.num_samples=0",
-                "trainer.eval_every=0",
-            ]
-        )
-    )
+    trained(tmp_path, f"trainer.init_from={out}")
