@@ -1,10 +1,12 @@
 """Expert-parallel scaling of one MoE layer, forward and backward, on CPU processes (gloo).
 
-    python -m bench.expert_parallel [--tokens 2048] [--eps 1 2 4]
+    python -m bench.expert_parallel [--tokens 2048] [--eps 1 2 4] [--overlap-chunks 1 2 4]
 
-Each rank routes its own `tokens`; at ep > 1 every layer call moves rows with all_to_all_single.
+Each rank routes its own `tokens`; at ep > 1 every layer call moves rows with all_to_all_single,
+also with parallel.ep_overlap_chunks = 2, 4 (chunked exchanges overlapped with expert compute).
 Reports global tokens/s, bytes each rank sends to other ranks per call (forward + backward: counts,
-tokens, expert outputs and their gradients) and the share of the call spent inside all-to-all.
+tokens, expert outputs and their gradients) and the share of the call spent waiting for all-to-all
+(blocking calls; with overlap, the waits on the posted exchanges).
 On a 2-core machine ep=4 oversubscribes the cores: compare the communication columns, not speed.
 """
 
@@ -24,7 +26,7 @@ from moe_train.parallel.spawn import run_ranks
 SHAPE = dict(dim=512, hidden=1792, experts=8, top_k=2)  # Mixtral-like, width / 8
 
 
-def rank_main(rank: int, ep: int, tokens: int, repeat: int, result_dir: str) -> None:
+def rank_main(rank: int, ep: int, chunks: int, tokens: int, repeat: int, result_dir: str) -> None:
     import torch.distributed as dist
 
     import moe_train.parallel.expert_parallel as expert_parallel
@@ -35,7 +37,7 @@ def rank_main(rank: int, ep: int, tokens: int, repeat: int, result_dir: str) -> 
     topology = Topology.setup(ParallelConfig(ep=ep), "cpu")
     torch.manual_seed(0)
     layer = MoE(SHAPE["dim"], SHAPE["hidden"], SHAPE["experts"], SHAPE["top_k"])
-    expert_parallel.apply_expert_parallel(layer, topology)
+    expert_parallel.apply_expert_parallel(layer, topology, chunks)
     torch.manual_seed(rank)
     x = torch.randn(tokens, SHAPE["dim"], requires_grad=True)
 
@@ -52,6 +54,21 @@ def rank_main(rank: int, ep: int, tokens: int, repeat: int, result_dir: str) -> 
         return out
 
     expert_parallel._all_to_all = counted
+    posted_init, posted_wait = expert_parallel._Posted.__init__, expert_parallel._Posted.wait
+
+    def counted_post(self, out, t, output_splits, input_splits, group, what):
+        me = dist.get_rank(group)
+        row_bytes = t[0].numel() * t.element_size() if t.shape[0] else 0
+        stats["bytes"] += sum(n for r, n in enumerate(input_splits) if r != me) * row_bytes
+        posted_init(self, out, t, output_splits, input_splits, group, what)
+
+    def timed_wait(self):
+        start = time.perf_counter()
+        out = posted_wait(self)
+        stats["seconds"] += time.perf_counter() - start
+        return out
+
+    expert_parallel._Posted.__init__, expert_parallel._Posted.wait = counted_post, timed_wait
 
     def step():
         layer.zero_grad(set_to_none=True)
@@ -75,17 +92,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
     parser.add_argument("--eps", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--overlap-chunks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     rows = []
-    for ep in args.eps:
+    layouts = [(ep, c) for ep in args.eps for c in args.overlap_chunks if ep > 1 or c == 1]
+    for ep, chunks in layouts:
         with tempfile.TemporaryDirectory() as result_dir:
-            run_ranks(ep, rank_main, ep, args.tokens, args.repeat, result_dir, result_dir=result_dir)
+            run_ranks(ep, rank_main, ep, chunks, args.tokens, args.repeat, result_dir, result_dir=result_dir)
             ranks = [json.loads(Path(result_dir, f"rank{r}.json").read_text()) for r in range(ep)]
         step_s = max(r["step_s"] for r in ranks)
         rows.append(
             {
                 "ep": ep,
+                "overlap_chunks": chunks,
                 "processes": ep,
                 "tokens_per_rank": args.tokens,
                 "step_ms": step_s * 1e3,

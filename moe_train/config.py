@@ -310,9 +310,16 @@ class ParallelConfig:
     """Expert-parallel degree: each MoE layer's experts are split over this many ranks."""
     timeout_minutes: float = 5.0
     """A collective that waits longer than this fails with an error naming it (no silent hang)."""
+    ep_overlap_chunks: int = 1
+    """> 1: cut each MoE layer's tokens into this many chunks and overlap one chunk's all-to-all
+    with another's expert compute, forward and backward. 1 (default): no overlap; on CPU processes
+    (gloo) overlap measured slower (bench/expert_parallel.py). Dropless MoE only."""
 
     def __post_init__(self) -> None:
         _check(self.ep >= 1, f"parallel.ep={self.ep} must be >= 1")
+        _check(
+            self.ep_overlap_chunks >= 1, f"parallel.ep_overlap_chunks={self.ep_overlap_chunks} must be >= 1"
+        )
         _check(self.timeout_minutes > 0, f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
 
 
@@ -402,3 +409,18 @@ class Config:
             )
         else:
             _check(self.parallel.ep == 1, f"parallel.ep={self.parallel.ep} needs an MoE model (ep=1)")
+        chunks = self.parallel.ep_overlap_chunks
+        if chunks > 1:
+            key = f"parallel.ep_overlap_chunks={chunks}"
+            _check(
+                self.parallel.ep > 1,
+                f"{key} overlaps the expert-parallel all-to-all: it needs parallel.ep > 1",
+            )
+            _check(
+                moe.capacity_factor is None,
+                f"{key} needs a dropless MoE (model.moe.capacity_factor=null): capacity is per layer call",
+            )
+            _check(
+                not self.trainer.activation_checkpointing,
+                f"{key} cannot be combined with trainer.activation_checkpointing=true; use one of them",
+            )

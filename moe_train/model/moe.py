@@ -136,12 +136,26 @@ class LocalDispatcher:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def permute(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        """Rows of x (N, D) grouped by expert: (S, D), tokens per expert (E,) and the undo state."""
+    def permute(
+        self, x: torch.Tensor, routing: Routing, chunks: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+        """Rows of x (N, D) grouped by expert: (S, D), tokens per expert (E,) and the undo state.
+
+        With chunks > 1 (dropless only), the tokens are cut into `chunks` consecutive runs of
+        ceil(N / chunks) and the rows are grouped by (chunk, expert); the counts are then (chunks, E).
+        """
         flat_experts = routing.experts.flatten()  # (N * k,)
         num_assignments = flat_experts.numel()
-        order = flat_experts.argsort(stable=True)  # (N * k,) flat assignment of each sorted row
-        tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)  # (E,)
+        key = flat_experts
+        if chunks > 1:
+            assert self.capacity_factor is None, "chunked dispatch is dropless"
+            chunk_tokens = max(1, math.ceil(x.shape[0] / chunks))
+            chunk = torch.arange(num_assignments, device=x.device) // (self.top_k * chunk_tokens)
+            key = chunk * self.num_experts + flat_experts  # (N * k,)
+        order = key.argsort(stable=True)  # (N * k,) flat assignment of each sorted row
+        tokens_per_expert = torch.bincount(key, minlength=chunks * self.num_experts)  # (chunks * E,)
+        if chunks > 1:
+            tokens_per_expert = tokens_per_expert.view(chunks, self.num_experts)
         capacity = self.capacity(x.shape[0])
         if capacity is not None:
             starts = tokens_per_expert.cumsum(0) - tokens_per_expert  # (E,) first sorted row of e
@@ -169,6 +183,13 @@ class LocalDispatcher:
             return _SumOverK.apply(y_sorted, state.inverse, state.token, self.top_k)
         out = y_sorted.new_zeros(state.num_tokens, y_sorted.shape[-1])  # dropped rows add nothing
         return out.index_add(0, state.token, y_sorted)
+
+    def route(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> tuple[torch.Tensor, int]:
+        """dispatch -> experts -> combine: the routed output (N, D) and the number of dropped rows.
+        Each row's router weight is applied by the experts (on the hidden activation)."""
+        x_sorted, tokens_per_local_expert, state = self.dispatch(x, routing)
+        y_sorted = experts(x_sorted, tokens_per_local_expert, state.row_weights)
+        return self.combine(y_sorted, state, weighted=False), state.num_dropped
 
     def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         """Returns the rows for this rank's experts (grouped by expert), their counts and a state
@@ -366,9 +387,7 @@ class MoE(nn.Module):
 
     @torch.compiler.disable  # data-dependent shapes: torch.compile covers the rest of the block
     def _routed(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, int]:
-        x_sorted, tokens_per_local_expert, state = self.dispatcher.dispatch(x, routing)
-        y_sorted = self.experts(x_sorted, tokens_per_local_expert, state.row_weights)
-        return self.dispatcher.combine(y_sorted, state, weighted=False), state.num_dropped
+        return self.dispatcher.route(x, routing, self.experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         shape = x.shape

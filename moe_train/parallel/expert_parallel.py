@@ -10,6 +10,11 @@ and `combine` undoes 4, 3 and 1 in reverse order. Backward runs the same exchang
 The router weights of the rows travel with them (one more all-to-all of one float per row), so
 the experts scale their hidden activations as on one device and both paths share MoE._routed.
 
+With `parallel.ep_overlap_chunks` = C > 1 the tokens are cut into C chunks and the dispatcher runs
+the experts itself, between the exchanges (`_OverlappedExperts`): every chunk's rows are posted at
+once (async all-to-all), the experts compute chunk c while later chunks are still travelling, and
+chunk c's outputs travel back while chunk c + 1 computes; backward overlaps the same way.
+
 Shape legend: N local tokens, D dim, E experts, El = E / ep local experts, R rows received.
 """
 
@@ -79,6 +84,120 @@ class _PermuteRows(torch.autograd.Function):
         return _PermuteRows.apply(grad.contiguous(), inverse, perm), None, None
 
 
+def _regroup_order(recv_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Received rows come ordered (source rank, local expert), recv_counts (ep, El) of each; the
+    experts need them ordered (local expert, source). Returns that permutation and its inverse."""
+    ep, El = recv_counts.shape
+    local_expert = torch.arange(El, device=recv_counts.device).repeat(ep)  # (ep * El,)
+    row_expert = local_expert.repeat_interleave(recv_counts.flatten())  # (R,)
+    regroup = row_expert.argsort(stable=True)
+    ungroup = torch.empty_like(regroup)
+    ungroup[regroup] = torch.arange(regroup.numel(), device=regroup.device)
+    return regroup, ungroup
+
+
+@dataclass
+class _Chunk:
+    """One chunk's exchange in the overlapped path (R rows received)."""
+
+    send_splits: list[int]  # rows sent to each rank of the group
+    recv_splits: list[int]  # rows received from each rank
+    tokens_per_local_expert: torch.Tensor  # (El,)
+    regroup: torch.Tensor  # (R,) received row of each row in local-expert order
+    ungroup: torch.Tensor  # (R,) its inverse
+
+
+class _Posted:
+    """An all_to_all_single in flight (async_op=True); wait() names it if a peer fails."""
+
+    def __init__(self, out: torch.Tensor, x: torch.Tensor, output_splits, input_splits, group, what: str):
+        self.out, self.what = out, f"expert-parallel all_to_all_single ({what}, overlapped)"
+        with named_collective(self.what):
+            self.work = dist.all_to_all_single(
+                out, x, output_splits, input_splits, group=group, async_op=True
+            )
+
+    def wait(self) -> torch.Tensor:
+        with named_collective(self.what):
+            self.work.wait()
+        return self.out
+
+
+def _post_rows(rows: torch.Tensor, output_splits, input_splits, group, what: str) -> _Posted:
+    out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
+    return _Posted(out, rows.contiguous(), output_splits, input_splits, group, what)
+
+
+class _OverlappedExperts(torch.autograd.Function):
+    """The experts between the two exchanges, chunk by chunk, with the exchanges in flight.
+
+    rows (S, D) and their router weights (S, 1), grouped by (chunk, destination rank) -> the
+    experts' outputs (S, D) in the same order. All chunks' rows are posted first; then for each
+    chunk: wait for its rows, regroup by local expert, run the experts, post the outputs back.
+    Each chunk's experts run as their own small autograd graph on detached inputs, which backward
+    differentiates with torch.autograd.grad; the input gradients travel back overlapped, and the
+    expert weights (inputs of this function) get the sum over chunks, accumulated once (DeepSpeed's
+    ZeRO-2 reduces a gradient when it is accumulated and refuses a second one).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weights, chunks: list[_Chunk], experts: nn.Module, group, *params):
+        sizes = [sum(c.send_splits) for c in chunks]
+        posted = [
+            (_post_rows(r, c.recv_splits, c.send_splits, group, "tokens"),
+             _post_rows(w, c.recv_splits, c.send_splits, group, "router weights"))
+            for c, r, w in zip(chunks, rows.split(sizes), weights.split(sizes))
+        ]  # fmt: skip
+        out = torch.empty_like(rows)
+        returning, graphs = [], []
+        for c, (rows_in, weights_in), out_c in zip(chunks, posted, out.split(sizes)):
+            with torch.enable_grad():
+                x = rows_in.wait().index_select(0, c.regroup).requires_grad_()  # (R, D)
+                w = weights_in.wait().squeeze(-1).index_select(0, c.regroup).requires_grad_()  # (R,)
+                y = experts(x, c.tokens_per_local_expert, w)
+            back = y.detach().index_select(0, c.ungroup)
+            returning.append(_Posted(out_c, back, c.send_splits, c.recv_splits, group, "expert outputs"))
+            graphs.append((x, w, y))
+        for p in returning:
+            p.wait()
+        ctx.chunks, ctx.graphs, ctx.group, ctx.params = chunks, graphs, group, params
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        chunks, group = ctx.chunks, ctx.group
+        sizes = [sum(c.send_splits) for c in chunks]
+        posted = [
+            _post_rows(g, c.recv_splits, c.send_splits, group, "expert outputs backward")
+            for c, g in zip(chunks, grad_out.split(sizes))
+        ]
+        grad_rows = torch.empty_like(grad_out)
+        grad_weights = grad_out.new_empty((grad_out.shape[0], 1), dtype=ctx.graphs[0][1].dtype)
+        grad_params = [torch.zeros_like(p) for p in ctx.params]
+        returning = []
+        for c, grad_in, (x, w, y), gr_c, gw_c in zip(
+            chunks, posted, ctx.graphs, grad_rows.split(sizes), grad_weights.split(sizes)
+        ):
+            grad_y = grad_in.wait().index_select(0, c.regroup)
+            gx, gw, *gp = torch.autograd.grad(y, (x, w, *ctx.params), grad_y, allow_unused=True)
+            gx = gx if gx is not None else torch.zeros_like(x)
+            gw = gw if gw is not None else torch.zeros_like(w)
+            for total, g in zip(grad_params, gp):
+                if g is not None:
+                    total += g
+            for g, out_c, what in (
+                (gx, gr_c, "tokens backward"),
+                (gw.unsqueeze(-1), gw_c, "router weights backward"),
+            ):
+                returning.append(
+                    _Posted(out_c, g.index_select(0, c.ungroup), c.send_splits, c.recv_splits, group, what)
+                )
+        for p in returning:
+            p.wait()
+        del ctx.graphs
+        return grad_rows, grad_weights, None, None, None, *grad_params
+
+
 class AllToAllDispatcher(LocalDispatcher):
     def __init__(
         self,
@@ -87,11 +206,34 @@ class AllToAllDispatcher(LocalDispatcher):
         capacity_factor: float | None,
         group: dist.ProcessGroup,
         ep: int,
+        overlap_chunks: int = 1,
     ):
         super().__init__(num_experts, top_k, capacity_factor)
         self.group = group
         self.ep = ep
         self.num_local_experts = num_experts // ep
+        self.overlap_chunks = overlap_chunks
+
+    def route(self, x: torch.Tensor, routing: Routing, experts: nn.Module) -> tuple[torch.Tensor, int]:
+        if self.overlap_chunks == 1:
+            return super().route(x, routing, experts)
+        ep, El, C = self.ep, self.num_local_experts, self.overlap_chunks
+        x_sorted, counts, state = self.permute(x, routing, chunks=C)  # (S, D), (C, E)
+        per_rank = counts.view(C, ep, El)
+        # recv_counts[src, c, e]: rows rank `src` sends to this rank's local expert e in chunk c
+        recv_counts = _all_to_all(per_rank.transpose(0, 1).flatten(), [C * El] * ep, [C * El] * ep,
+                                  self.group, "token counts").view(ep, C, El)  # fmt: skip
+        send_splits, recv_splits = per_rank.sum(-1).tolist(), recv_counts.sum(-1).T.tolist()
+        chunks = [
+            _Chunk(
+                send_splits[c], recv_splits[c], recv_counts[:, c].sum(0), *_regroup_order(recv_counts[:, c])
+            )
+            for c in range(C)
+        ]
+        weights = state.row_weights.unsqueeze(-1)  # (S, 1)
+        params = [p for p in experts.parameters() if p.requires_grad]
+        y_sorted = _OverlappedExperts.apply(x_sorted, weights, chunks, experts, self.group, *params)
+        return self.unpermute(y_sorted, state, weighted=False), 0
 
     def dispatch(
         self, x: torch.Tensor, routing: Routing
@@ -107,12 +249,7 @@ class AllToAllDispatcher(LocalDispatcher):
         # the router weights travel with their rows, so the experts can apply them (see MoE._routed)
         weights = local_state.row_weights.unsqueeze(-1)  # (S, 1)
         w_recv = _AllToAll.apply(weights, recv_splits, send_splits, self.group, "router weights")  # (R, 1)
-        # received rows are ordered (source rank, local expert); experts need (local expert, source)
-        local_expert = torch.arange(El, device=x.device).repeat(ep)  # (ep * El,)
-        row_expert = local_expert.repeat_interleave(recv_counts.flatten())  # (R,)
-        regroup = row_expert.argsort(stable=True)
-        ungroup = torch.empty_like(regroup)
-        ungroup[regroup] = torch.arange(regroup.numel(), device=x.device)
+        regroup, ungroup = _regroup_order(recv_counts)
         row_weights = _PermuteRows.apply(w_recv, regroup, ungroup).squeeze(-1)  # (R,)
         state = ExpertParallelState(local_state, regroup, ungroup, row_weights, send_splits, recv_splits)
         return _PermuteRows.apply(x_recv, regroup, ungroup), recv_counts.sum(dim=0), state
@@ -123,8 +260,9 @@ class AllToAllDispatcher(LocalDispatcher):
         return self.unpermute(y_sorted, state.local, weighted)
 
 
-def apply_expert_parallel(model: nn.Module, topology: Topology) -> None:
-    """Keep this rank's expert shard of every MoE layer and install the all-to-all dispatcher.
+def apply_expert_parallel(model: nn.Module, topology: Topology, overlap_chunks: int = 1) -> None:
+    """Keep this rank's expert shard of every MoE layer and install the all-to-all dispatcher
+    (`overlap_chunks` > 1: the overlapped one, see _OverlappedExperts).
 
     The model must be built identically on every rank first (same seed), so the shards together
     are exactly the single-process model. With ep=1 nothing changes: the local dispatcher stays.
@@ -144,7 +282,7 @@ def apply_expert_parallel(model: nn.Module, topology: Topology) -> None:
             setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
         old = module.dispatcher
         module.dispatcher = AllToAllDispatcher(
-            old.num_experts, old.top_k, old.capacity_factor, topology.ep_group, ep
+            old.num_experts, old.top_k, old.capacity_factor, topology.ep_group, ep, overlap_chunks
         )
 
 

@@ -57,7 +57,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # every rank builds the same full model, then keeps its shard
         self.model = Transformer(config.model)
         self.size = model_size(self.model, config.data.seq_len)
-        apply_expert_parallel(self.model, topology)
+        apply_expert_parallel(self.model, topology, config.parallel.ep_overlap_chunks)
         self.model.to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
         if t.compile:  # per block, in place (state-dict keys unchanged); expert dispatch stays eager

@@ -22,10 +22,19 @@ def test_dispatcher_round_trip(tmp_path, ep):
     assert len(list(tmp_path.glob("rank*.ok"))) == ep
 
 
-@pytest.mark.parametrize("ep,capacity_factor", [(2, None), (4, None), (2, 1.0)])
-def test_moe_layer_matches_single_process(tmp_path, ep, capacity_factor):
+@pytest.mark.parametrize(
+    "ep,capacity_factor,overlap_chunks", [(2, None, 1), (4, None, 1), (2, 1.0, 1), (2, None, 3), (4, None, 2)]
+)
+def test_moe_layer_matches_single_process(tmp_path, ep, capacity_factor, overlap_chunks):
+    """Ranks route 0, 1, 9 and 30 tokens: with chunks, some chunks are empty on some ranks."""
     run_ranks(
-        ep, workers.moe_layer_matches_single_process, ep, capacity_factor, tmp_path, result_dir=tmp_path
+        ep,
+        workers.moe_layer_matches_single_process,
+        ep,
+        capacity_factor,
+        tmp_path,
+        overlap_chunks,
+        result_dir=tmp_path,
     )
     assert len(list(tmp_path.glob("rank*.ok"))) == ep
 
@@ -74,6 +83,11 @@ def reference_run(tmp_path_factory):
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2), (2, 1)], ids=["ep2", "ep4", "dp2xep2", "dp2"])
 def test_training_matches_single_process(tmp_path, reference_run, world, ep):
     metrics, params = train_run(tmp_path, f"w{world}ep{ep}", world, ep)
+    assert_same_run(metrics, params, *reference_run)
+
+
+def test_overlapped_all_to_all_matches_single_process(tmp_path, reference_run):
+    metrics, params = train_run(tmp_path, "overlap", 2, 2, "parallel.ep_overlap_chunks=3")
     assert_same_run(metrics, params, *reference_run)
 
 

@@ -24,13 +24,14 @@ def build_moe(capacity_factor=None, num_experts=8, top_k=2):
     return moe
 
 
-def moe_layer_matches_single_process(rank, ep, capacity_factor, result_dir):
+def moe_layer_matches_single_process(rank, ep, capacity_factor, result_dir, overlap_chunks=1):
     """Every rank holds the full layer as a reference; the EP copy must give the same outputs and
     gradients (expert gradients: the reference's summed over all ranks, this rank's slice)."""
     topo = Topology.setup(ParallelConfig(ep=ep), "cpu")
     reference = build_moe(capacity_factor)
     sharded = copy.deepcopy(reference)
-    apply_expert_parallel(sharded, topo)
+    apply_expert_parallel(sharded, topo, overlap_chunks)
+    assert sharded.dispatcher.overlap_chunks == overlap_chunks
     El = 8 // ep
     assert sharded.experts.w1.shape[0] == El
 

@@ -117,6 +117,27 @@ def test_permutation_round_trip(name, experts):
     torch.testing.assert_close(dispatcher.unpermute(x_sorted, state), x)
 
 
+@pytest.mark.parametrize("chunks", [2, 3, 7, 60])
+def test_chunked_permutation_groups_rows_by_chunk_then_expert(chunks):
+    """The overlapped EP path's sort: tokens cut into runs of ceil(N / chunks) (so with N < chunks
+    some chunks are empty), rows grouped by (chunk, expert), counts (chunks, E)."""
+    torch.manual_seed(0)
+    experts = torch.randint(0, 8, (50, 2))
+    dispatcher = LocalDispatcher(num_experts=8, top_k=2)
+    x = torch.randn(50, 4)
+    x_sorted, counts, state = dispatcher.permute(x, routing_of(experts, 8), chunks=chunks)
+    run = math.ceil(50 / chunks)
+    expected = torch.zeros(chunks, 8, dtype=torch.long)
+    for t in range(50):
+        for e in experts[t].tolist():
+            expected[t // run, e] += 1
+    assert torch.equal(counts, expected)
+    key_of_row = (state.token // run) * 8 + experts.flatten()[state.order]
+    assert torch.equal(key_of_row, key_of_row.sort().values)  # grouped by (chunk, expert)
+    assert torch.equal(x_sorted, x[state.token])
+    torch.testing.assert_close(dispatcher.unpermute(x_sorted, state), x)
+
+
 ADVERSARIAL_COUNTS = {
     "random": [5, 0, 9, 3, 0, 7, 1, 5],
     "all rows to one expert": [0, 0, 0, 30, 0, 0, 0, 0],
