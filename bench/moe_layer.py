@@ -17,6 +17,8 @@ Contenders, same shapes and (where the layout allows) the same weights, all in o
                 do; shared experts added as for hf_mixtral. Its TopKGate runs any k (top-1, top-2
                 and a general top-k path), so every shape runs.
   dense_matmul  plain matrix products with the same FLOPs: the ceiling on this machine
+On a CPU the process runs as our training does (moe_train.parallel.topology.retain_freed_memory:
+large blocks reused, not page-faulted in again each call), for every contender alike.
 Contenders are timed in interleaved rounds (bench.common.time_interleaved). Before timing, each
 contender's output is compared with ours (same weights, fp32 on CPU) and the largest difference
 printed, so a contender that routes differently shows.
@@ -36,6 +38,7 @@ import torch
 
 from bench.common import print_table, time_interleaved, write_json
 from moe_train.model.moe import MoE
+from moe_train.parallel.topology import retain_freed_memory
 
 SHAPES = {  # name: (dim, hidden, experts, top_k, shared) at real width
     "mixtral": (4096, 14336, 8, 2, 0),
@@ -283,6 +286,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
+    if not on_gpu:
+        retain_freed_memory()
     divisor = args.width_divisor or (1 if on_gpu else 8)
     tokens = args.tokens or (8192 if on_gpu else 4096)
     dtype = torch.bfloat16 if on_gpu else None
