@@ -86,8 +86,11 @@ def test_training_matches_single_process(tmp_path, reference_run, world, ep):
     assert_same_run(metrics, params, *reference_run)
 
 
-def test_overlapped_all_to_all_matches_single_process(tmp_path, reference_run):
-    metrics, params = train_run(tmp_path, "overlap", 2, 2, "parallel.ep_overlap_chunks=3")
+@pytest.mark.parametrize("recompute", [False, True], ids=["", "activation-checkpointing"])
+def test_overlapped_all_to_all_matches_single_process(tmp_path, reference_run, recompute):
+    """With activation checkpointing the block, exchanges included, runs again in backward."""
+    overrides = ["parallel.ep_overlap_chunks=3", f"trainer.activation_checkpointing={recompute}"]
+    metrics, params = train_run(tmp_path, "overlap", 2, 2, *overrides)
     assert_same_run(metrics, params, *reference_run)
 
 

@@ -66,14 +66,6 @@ from moe_train.tools.hydra_config import compose_config
             "parallel.ep_overlap_chunks=2 needs a dropless MoE (model.moe.capacity_factor=null)",
         ),
         (
-            lambda: Config(
-                model=ModelConfig(moe=MoEConfig(num_experts=8)),
-                parallel=ParallelConfig(ep=2, ep_overlap_chunks=2),
-                trainer=TrainerConfig(activation_checkpointing=True),
-            ),
-            "parallel.ep_overlap_chunks=2 cannot be combined with trainer.activation_checkpointing=true",
-        ),
-        (
             lambda: EngineConfig(name="deepspeed", zero_stage=3),
             "engine.zero_stage=3: DeepSpeed does not support ZeRO stage 3 with MoE layers; use stage 1 or 2",
         ),
