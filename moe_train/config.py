@@ -313,7 +313,7 @@ class ParallelConfig:
     ep_overlap_chunks: int = 1
     """> 1: cut each MoE layer's tokens into this many chunks and overlap one chunk's all-to-all
     with another's expert compute, forward and backward. 1 (default): no overlap; on CPU processes
-    (gloo) overlap measured no faster (bench/expert_parallel.py). Dropless MoE only."""
+    (gloo) overlap measured no faster (bench/expert_parallel.py)."""
 
     def __post_init__(self) -> None:
         _check(self.ep >= 1, f"parallel.ep={self.ep} must be >= 1")
@@ -415,8 +415,4 @@ class Config:
             _check(
                 self.parallel.ep > 1,
                 f"{key} overlaps the expert-parallel all-to-all: it needs parallel.ep > 1",
-            )
-            _check(
-                moe.capacity_factor is None,
-                f"{key} needs a dropless MoE (model.moe.capacity_factor=null): capacity is per layer call",
             )

@@ -141,27 +141,25 @@ class LocalDispatcher:
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         """Rows of x (N, D) grouped by expert: (S, D), tokens per expert (E,) and the undo state.
 
-        With chunks > 1 (dropless only), the tokens are cut into `chunks` consecutive runs of
-        ceil(N / chunks) and the rows are grouped by (chunk, expert); the counts are then (chunks, E).
+        With chunks > 1, the tokens are cut into `chunks` consecutive runs of ceil(N / chunks) and
+        the rows (after any capacity drop, which does not depend on chunks) are grouped by
+        (chunk, expert); the counts are then (chunks, E).
         """
         flat_experts = routing.experts.flatten()  # (N * k,)
         num_assignments = flat_experts.numel()
-        key = flat_experts
-        if chunks > 1:
-            assert self.capacity_factor is None, "chunked dispatch is dropless"
-            chunk_tokens = max(1, math.ceil(x.shape[0] / chunks))
-            chunk = torch.arange(num_assignments, device=x.device) // (self.top_k * chunk_tokens)
-            key = chunk * self.num_experts + flat_experts  # (N * k,)
-        order = key.argsort(stable=True)  # (N * k,) flat assignment of each sorted row
-        tokens_per_expert = torch.bincount(key, minlength=chunks * self.num_experts)  # (chunks * E,)
-        if chunks > 1:
-            tokens_per_expert = tokens_per_expert.view(chunks, self.num_experts)
+        order = flat_experts.argsort(stable=True)  # (N * k,) flat assignment of each sorted row
+        tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)  # (E,)
         capacity = self.capacity(x.shape[0])
         if capacity is not None:
             starts = tokens_per_expert.cumsum(0) - tokens_per_expert  # (E,) first sorted row of e
             rank_in_expert = torch.arange(num_assignments, device=x.device) - starts[flat_experts[order]]
             order = order[rank_in_expert < capacity]
             tokens_per_expert = tokens_per_expert.clamp(max=capacity)
+        if chunks > 1:  # rows of one expert are in token order, so a stable sort by chunk keeps it
+            chunk_tokens = max(1, math.ceil(x.shape[0] / chunks))
+            key = order // (self.top_k * chunk_tokens) * self.num_experts + flat_experts[order]  # (S,)
+            order = order[key.argsort(stable=True)]
+            tokens_per_expert = torch.bincount(key, minlength=chunks * self.num_experts).view(chunks, -1)
         token = order // self.top_k  # (S,)
         row_weights = routing.weights.flatten().index_select(0, order)  # (S,)
         if order.numel() == num_assignments:

@@ -233,7 +233,7 @@ class AllToAllDispatcher(LocalDispatcher):
         weights = state.row_weights.unsqueeze(-1)  # (S, 1)
         params = [p for p in experts.parameters() if p.requires_grad]
         y_sorted = _OverlappedExperts.apply(x_sorted, weights, chunks, experts, self.group, *params)
-        return self.unpermute(y_sorted, state, weighted=False), 0
+        return self.unpermute(y_sorted, state, weighted=False), state.num_dropped
 
     def dispatch(
         self, x: torch.Tensor, routing: Routing

@@ -23,7 +23,8 @@ def test_dispatcher_round_trip(tmp_path, ep):
 
 
 @pytest.mark.parametrize(
-    "ep,capacity_factor,overlap_chunks", [(2, None, 1), (4, None, 1), (2, 1.0, 1), (2, None, 3), (4, None, 2)]
+    "ep,capacity_factor,overlap_chunks",
+    [(2, None, 1), (4, None, 1), (2, 1.0, 1), (2, None, 3), (4, None, 2), (2, 1.0, 3)],
 )
 def test_moe_layer_matches_single_process(tmp_path, ep, capacity_factor, overlap_chunks):
     """Ranks route 0, 1, 9 and 30 tokens: with chunks, some chunks are empty on some ranks."""

@@ -59,13 +59,6 @@ from moe_train.tools.hydra_config import compose_config
             "parallel.ep_overlap_chunks=2 overlaps the expert-parallel all-to-all: it needs parallel.ep > 1",
         ),
         (
-            lambda: Config(
-                model=ModelConfig(moe=MoEConfig(num_experts=8, capacity_factor=1.0)),
-                parallel=ParallelConfig(ep=2, ep_overlap_chunks=2),
-            ),
-            "parallel.ep_overlap_chunks=2 needs a dropless MoE (model.moe.capacity_factor=null)",
-        ),
-        (
             lambda: EngineConfig(name="deepspeed", zero_stage=3),
             "engine.zero_stage=3: DeepSpeed does not support ZeRO stage 3 with MoE layers; use stage 1 or 2",
         ),

@@ -138,6 +138,22 @@ def test_chunked_permutation_groups_rows_by_chunk_then_expert(chunks):
     torch.testing.assert_close(dispatcher.unpermute(x_sorted, state), x)
 
 
+def test_chunked_permutation_drops_what_the_unchunked_one_drops():
+    """Capacity counts over all the layer's tokens, whatever the chunks."""
+    torch.manual_seed(0)
+    routing = routing_of(torch.randint(0, 8, (50, 2)), 8)
+    dispatcher = LocalDispatcher(num_experts=8, top_k=2, capacity_factor=0.75)
+    x = torch.randn(50, 4)
+    _, counts, state = dispatcher.permute(x, routing)
+    _, chunk_counts, chunk_state = dispatcher.permute(x, routing, chunks=3)
+    assert state.num_dropped > 0
+    assert torch.equal(chunk_counts.sum(0), counts)
+    assert torch.equal(chunk_state.order.sort().values, state.order.sort().values)
+    torch.testing.assert_close(
+        dispatcher.unpermute(x[chunk_state.token], chunk_state), dispatcher.unpermute(x[state.token], state)
+    )
+
+
 ADVERSARIAL_COUNTS = {
     "random": [5, 0, 9, 3, 0, 7, 1, 5],
     "all rows to one expert": [0, 0, 0, 30, 0, 0, 0, 0],
