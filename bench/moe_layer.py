@@ -4,8 +4,8 @@
     python -m bench.moe_layer --shapes deepseekmoe --contenders ours deepspeed   # a subset
 
 Contenders, same shapes and (where the layout allows) the same weights, all in one run:
-  ours          moe_train's MoE layer: grouped GEMM on Hopper GPUs; elsewhere the fused expert loop
-                (products written in place, hand-written backward, elementwise work per expert block)
+  ours          moe_train's MoE layer: one grouped product per weight (torch._grouped_mm, on CPUs and
+                on Hopper GPUs in bf16)
   loop          the same layer with autograd's loop over experts forced (the reference path; the
                 dispatch, permutation and combine are shared with ours)
   hf_mixtral    transformers' MixtralSparseMoeBlock, if transformers is installed; at the shape with

@@ -11,6 +11,7 @@ from moe_train.model.moe import (
     LocalDispatcher,
     MoE,
     Routing,
+    grouped_mm_dtype,
     load_balancing_loss,
     router_z_loss,
 )
@@ -164,11 +165,12 @@ ADVERSARIAL_COUNTS = {
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL_COUNTS))
 @pytest.mark.parametrize("weighted", [True, False])
-def test_fused_expert_loop_matches_loop_reference(name, weighted):
-    """The CPU path (mm with out=, hand-written backward) against the autograd loop: outputs and
-    the gradients of x, the row weights and every expert weight (zero for experts with no rows)."""
+def test_grouped_experts_match_loop_reference(name, weighted):
+    """The grouped products (torch._grouped_mm, fp32 on the CPU) against the autograd loop: outputs
+    and the gradients of x, the row weights and every expert weight (zero for experts with no rows)."""
     torch.manual_seed(0)
     experts = GroupedExperts(8, 16, 24)
+    assert grouped_mm_dtype(torch.zeros(1), 16, 24) == torch.float32  # the grouped path runs
     counts = torch.tensor(ADVERSARIAL_COUNTS[name])
     x = torch.randn(int(counts.sum()), 16, requires_grad=True)
     row_weights = torch.rand(x.shape[0], requires_grad=True) if weighted else None
@@ -253,3 +255,15 @@ def test_z_loss_hand_computed():
     # logsumexp: log 2 and log 4
     expected = (math.log(2) ** 2 + math.log(4) ** 2) / 2
     assert router_z_loss(logits).item() == pytest.approx(expected)
+
+
+def test_widths_the_grouped_products_cannot_take_run_the_loop():
+    """torch._grouped_mm needs rows of 16-byte multiples: a width of 33 falls back to the loop."""
+    assert grouped_mm_dtype(torch.zeros(1), 33, 24) is None
+    assert grouped_mm_dtype(torch.zeros(1, dtype=torch.bfloat16), 16, 20) is None  # 40 bytes
+    assert grouped_mm_dtype(torch.zeros(1, dtype=torch.float64), 16, 24) is None
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 33, 17)
+    counts = torch.tensor([3, 0, 5, 1])
+    x = torch.randn(9, 33)
+    torch.testing.assert_close(experts(x, counts), experts._forward_loop(x, counts))
