@@ -56,7 +56,9 @@ def moe_layer_matches_single_process(rank, ep, capacity_factor, result_dir, over
             dist.all_reduce(g)  # every rank's tokens reach the experts through the all-to-all
             g = g[topo.ep_rank * El : (topo.ep_rank + 1) * El]
         g_ep = p_ep.grad if p_ep.grad is not None else torch.zeros_like(p_ep)
-        torch.testing.assert_close(g_ep, g, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        # sums over tokens: the grouped products of other row groupings (ranks, chunks) add them in
+        # another order, about 1e-6 apart on gradients of about 0.1
+        torch.testing.assert_close(g_ep, g, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     Path(result_dir, f"rank{rank}.ok").write_text("ok")
 
 
