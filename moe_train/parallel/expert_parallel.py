@@ -8,7 +8,7 @@ expert-parallel group keeps experts [i * E/ep, (i + 1) * E/ep). Its dispatcher t
 4. regroups what it received by local expert, so every local expert has one contiguous slice,
 and `combine` undoes 4, 3 and 1 in reverse order. Backward runs the same exchanges reversed.
 The router weights of the rows travel with them (one more all-to-all of one float per row), so
-the experts scale their hidden activations as on one device and both paths share MoE._routed.
+the experts scale their hidden activations as on one device, as in LocalDispatcher.route.
 
 With `parallel.ep_overlap_chunks` = C > 1 the tokens are cut into C chunks and the dispatcher runs
 the experts itself, between the exchanges (`_OverlappedExperts`): every chunk's rows are posted at
@@ -31,13 +31,31 @@ from moe_train.model.moe import DispatchState, LocalDispatcher, MoE, Routing
 from moe_train.parallel.topology import Topology, named_collective
 
 
+class _Posted:
+    """An all_to_all_single in flight (async_op=True) into `out`; wait() names it if a peer fails."""
+
+    def __init__(self, out: torch.Tensor, x: torch.Tensor, output_splits, input_splits, group, what: str):
+        self.out, self.what = out, f"expert-parallel all_to_all_single ({what})"
+        with named_collective(self.what):
+            self.work = dist.all_to_all_single(
+                out, x, output_splits, input_splits, group=group, async_op=True
+            )
+
+    def wait(self) -> torch.Tensor:
+        with named_collective(self.what):
+            self.work.wait()
+        return self.out
+
+
+def _post_rows(rows: torch.Tensor, output_splits, input_splits, group, what: str) -> _Posted:
+    out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
+    return _Posted(out, rows.contiguous(), output_splits, input_splits, group, what)
+
+
 def _all_to_all(
     x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, what: str
 ) -> torch.Tensor:
-    out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    with named_collective(f"expert-parallel all_to_all_single ({what})"):
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-    return out
+    return _post_rows(x, output_splits, input_splits, group, what).wait()
 
 
 class _AllToAll(torch.autograd.Function):
@@ -107,27 +125,6 @@ class _Chunk:
     ungroup: torch.Tensor  # (R,) its inverse
 
 
-class _Posted:
-    """An all_to_all_single in flight (async_op=True); wait() names it if a peer fails."""
-
-    def __init__(self, out: torch.Tensor, x: torch.Tensor, output_splits, input_splits, group, what: str):
-        self.out, self.what = out, f"expert-parallel all_to_all_single ({what}, overlapped)"
-        with named_collective(self.what):
-            self.work = dist.all_to_all_single(
-                out, x, output_splits, input_splits, group=group, async_op=True
-            )
-
-    def wait(self) -> torch.Tensor:
-        with named_collective(self.what):
-            self.work.wait()
-        return self.out
-
-
-def _post_rows(rows: torch.Tensor, output_splits, input_splits, group, what: str) -> _Posted:
-    out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
-    return _Posted(out, rows.contiguous(), output_splits, input_splits, group, what)
-
-
 class _OverlappedExperts(torch.autograd.Function):
     """The experts between the two exchanges, chunk by chunk, with the exchanges in flight.
 
@@ -144,8 +141,8 @@ class _OverlappedExperts(torch.autograd.Function):
     def forward(ctx, rows, weights, chunks: list[_Chunk], experts: nn.Module, group, *params):
         sizes = [sum(c.send_splits) for c in chunks]
         posted = [
-            (_post_rows(r, c.recv_splits, c.send_splits, group, "tokens"),
-             _post_rows(w, c.recv_splits, c.send_splits, group, "router weights"))
+            (_post_rows(r, c.recv_splits, c.send_splits, group, "tokens, overlapped"),
+             _post_rows(w, c.recv_splits, c.send_splits, group, "router weights, overlapped"))
             for c, r, w in zip(chunks, rows.split(sizes), weights.split(sizes))
         ]  # fmt: skip
         out = torch.empty_like(rows)
@@ -156,7 +153,9 @@ class _OverlappedExperts(torch.autograd.Function):
                 w = weights_in.wait().squeeze(-1).index_select(0, c.regroup).requires_grad_()  # (R,)
                 y = experts(x, c.tokens_per_local_expert, w)
             back = y.detach().index_select(0, c.ungroup)
-            returning.append(_Posted(out_c, back, c.send_splits, c.recv_splits, group, "expert outputs"))
+            returning.append(
+                _Posted(out_c, back, c.send_splits, c.recv_splits, group, "expert outputs, overlapped")
+            )
             graphs.append((x, w, y))
         for p in returning:
             p.wait()
@@ -168,7 +167,7 @@ class _OverlappedExperts(torch.autograd.Function):
         chunks, group = ctx.chunks, ctx.group
         sizes = [sum(c.send_splits) for c in chunks]
         posted = [
-            _post_rows(g, c.recv_splits, c.send_splits, group, "expert outputs backward")
+            _post_rows(g, c.recv_splits, c.send_splits, group, "expert outputs backward, overlapped")
             for c, g in zip(chunks, grad_out.split(sizes))
         ]
         grad_rows = torch.empty_like(grad_out)
@@ -186,8 +185,8 @@ class _OverlappedExperts(torch.autograd.Function):
                 if g is not None:
                     total += g
             for g, out_c, what in (
-                (gx, gr_c, "tokens backward"),
-                (gw.unsqueeze(-1), gw_c, "router weights backward"),
+                (gx, gr_c, "tokens backward, overlapped"),
+                (gw.unsqueeze(-1), gw_c, "router weights backward, overlapped"),
             ):
                 returning.append(
                     _Posted(out_c, g.index_select(0, c.ungroup), c.send_splits, c.recv_splits, group, what)
@@ -246,7 +245,7 @@ class AllToAllDispatcher(LocalDispatcher):
         send_splits = tokens_per_expert.view(ep, El).sum(dim=1).tolist()
         recv_splits = recv_counts.sum(dim=1).tolist()
         x_recv = _AllToAll.apply(x_sorted, recv_splits, send_splits, self.group, "tokens")  # (R, D)
-        # the router weights travel with their rows, so the experts can apply them (see MoE._routed)
+        # the router weights travel with their rows, so the experts can apply them (see route)
         weights = local_state.row_weights.unsqueeze(-1)  # (S, 1)
         w_recv = _AllToAll.apply(weights, recv_splits, send_splits, self.group, "router weights")  # (R, 1)
         regroup, ungroup = _regroup_order(recv_counts)
