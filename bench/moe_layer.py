@@ -92,12 +92,13 @@ def hf_block(layer: MoE, dim, hidden, experts, top_k, device):
         hidden_size=dim, intermediate_size=hidden, num_local_experts=experts, num_experts_per_tok=top_k
     )
     block = MixtralSparseMoeBlock(config).to(device)
-    w1, w3, w2 = (w.detach() for w in (layer.experts.w1, layer.experts.w3, layer.experts.w2))
+    w13, w2 = layer.experts.w13.detach(), layer.experts.w2.detach()
+    w1, w3 = w13.chunk(2, dim=-1)
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.gate.weight)
         ex = block.experts
         if hasattr(ex, "gate_up_proj"):  # transformers 5: fused (E, 2F, D) and (E, D, F)
-            ex.gate_up_proj.copy_(torch.cat([w1, w3], dim=2).transpose(1, 2))
+            ex.gate_up_proj.copy_(w13.transpose(1, 2))
             ex.down_proj.copy_(w2.transpose(1, 2))
         else:  # transformers 4: a ModuleList of w1, w2, w3 Linears
             for e, expert in enumerate(ex):
@@ -160,8 +161,9 @@ def deepspeed_moe(layer: MoE, dim, hidden, experts, top_k, device):
     with torch.no_grad():
         block.deepspeed_moe.gate.wg.weight.copy_(layer.router.gate.weight)
         for e, expert in enumerate(block.deepspeed_moe.experts.deepspeed_experts):
-            for name in ("w1", "w3", "w2"):
-                getattr(expert, name).copy_(getattr(layer.experts, name)[e])
+            w1, w3 = layer.experts.w13[e].chunk(2, dim=-1)
+            for name, w in (("w1", w1), ("w3", w3), ("w2", layer.experts.w2[e])):
+                getattr(expert, name).copy_(w)
     return block
 
 

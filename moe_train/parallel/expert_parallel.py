@@ -275,8 +275,7 @@ def apply_expert_parallel(model: nn.Module, topology: Topology, overlap_chunks: 
             continue
         El = module.num_experts // ep
         experts = module.experts
-        for name in ("w1", "w2", "w3"):
-            full = getattr(experts, name)
+        for name, full in list(experts.named_parameters(recurse=False)):  # all (E, ...)
             shard = full.detach()[start * El : (start + 1) * El].clone()
             setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
         old = module.dispatcher

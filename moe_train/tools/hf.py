@@ -65,7 +65,8 @@ def architecture(config: ModelConfig) -> str:
 @dataclass
 class _Layout:
     plain: list[tuple[str, str]] = field(default_factory=list)  # copied as is
-    experts: list[tuple[str, list[str]]] = field(default_factory=list)  # stacked <-> per expert
+    # stacked (E, in, parts * out) <-> per expert (out, in), for each part: w13 is [gate | up]
+    experts: list[tuple[str, list[list[str]]]] = field(default_factory=list)
     doubled: list[tuple[str, str]] = field(default_factory=list)  # Qwen2-MoE shared down projection
     zero: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # HF-only tensors fixed at 0
 
@@ -86,9 +87,12 @@ def _layout(config: ModelConfig, arch: str) -> _Layout:
         prefix, names = _EXPERT_NAMES[arch]
         moe = theirs + prefix
         layout.plain.append((ours + "ffn.router.gate.weight", moe + "gate.weight"))
-        for name in ("w1", "w3", "w2"):
-            keys = [moe + f"experts.{e}.{names[name]}.weight" for e in range(config.moe.num_experts)]
-            layout.experts.append((ours + f"ffn.experts.{name}", keys))
+        for stacked, parts in (("w13", ("w1", "w3")), ("w2", ("w2",))):
+            keys = [
+                [moe + f"experts.{e}.{names[part]}.weight" for e in range(config.moe.num_experts)]
+                for part in parts
+            ]
+            layout.experts.append((ours + f"ffn.experts.{stacked}", keys))
         if arch != "qwen2_moe":
             continue
         layout.zero.append((moe + "shared_expert_gate.weight", (1, config.dim)))
@@ -165,8 +169,9 @@ def to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torc
     """Our state dict -> HF tensors (Hub key layout), all contiguous."""
     layout = _layout(config, architecture(config))
     out = {theirs: state[ours] for ours, theirs in layout.plain}
-    for ours, keys in layout.experts:
-        out.update({key: w.T for key, w in zip(keys, state[ours])})
+    for ours, parts in layout.experts:
+        for keys, stacked in zip(parts, state[ours].chunk(len(parts), dim=-1)):
+            out.update({key: w.T for key, w in zip(keys, stacked)})
     out.update({theirs: 2 * state[ours] for ours, theirs in layout.doubled})
     out.update({theirs: torch.zeros(shape) for theirs, shape in layout.zero})
     return {k: v.detach().contiguous() for k, v in out.items()}
@@ -177,7 +182,7 @@ def from_hf(config: ModelConfig, tensors: dict[str, torch.Tensor], arch: str) ->
     layout = _layout(config, arch)
     wanted = (
         [k for _, k in layout.plain + layout.doubled]
-        + [k for _, ks in layout.experts for k in ks]
+        + [k for _, parts in layout.experts for keys in parts for k in keys]
         + [k for k, _ in layout.zero]
     )
     missing = [k for k in wanted if k not in tensors]
@@ -191,7 +196,8 @@ def from_hf(config: ModelConfig, tensors: dict[str, torch.Tensor], arch: str) ->
             )
     state = {ours: tensors[theirs] for ours, theirs in layout.plain}
     state.update({ours: tensors[theirs] / 2 for ours, theirs in layout.doubled})
-    state.update({ours: torch.stack([tensors[k].T for k in keys]) for ours, keys in layout.experts})
+    for ours, parts in layout.experts:
+        state[ours] = torch.cat([torch.stack([tensors[k].T for k in keys]) for keys in parts], dim=-1)
     if config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return state

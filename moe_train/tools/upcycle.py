@@ -71,8 +71,7 @@ def upcycle(
         w1, w3, w2 = (dense_state[ffn + f"{n}.weight"] for n in ("w1", "w3", "w2"))  # (F, D), (F, D), (D, F)
         for e in range(num_experts):
             part = slice((e % granularity) * hidden, (e % granularity + 1) * hidden)
-            state[ffn + "experts.w1"][e] = w1[part].T
-            state[ffn + "experts.w3"][e] = w3[part].T
+            state[ffn + "experts.w13"][e] = torch.cat([w1[part].T, w3[part].T], dim=1)  # (D, 2F)
             state[ffn + "experts.w2"][e] = w2[:, part].T * granularity
         torch.nn.init.normal_(state[ffn + "router.gate.weight"], std=router_std)
     for name, tensor in dense_state.items():  # attention, norms, embeddings: unchanged

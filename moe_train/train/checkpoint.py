@@ -107,7 +107,7 @@ def read_deepspeed_weights(path: str | Path) -> dict[str, torch.Tensor]:
         experts: dict[str, dict[int, torch.Tensor]] = {}
         for f in sorted(p for p in path.iterdir() if _DEEPSPEED_EXPERT_FILE.match(p.name)):
             for key, tensor in torch.load(f, map_location="cpu", weights_only=True).items():
-                stacked, _, index = key.rpartition(".")  # <layer>.experts.w1.<global expert>
+                stacked, _, index = key.rpartition(".")  # <layer>.experts.w13.<global expert>
                 experts.setdefault(stacked, {})[int(index)] = tensor
     except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
         raise ConfigError(f"cannot read DeepSpeed checkpoint {path}: {_reason(e)}") from None

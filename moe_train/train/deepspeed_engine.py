@@ -13,7 +13,7 @@ states over the expert-data-parallel ranks and dense states over the world.
 DeepSpeed (0.19.8, pinned) recognises an MoE model only by the class of its MoE layers (its own
 `deepspeed.moe.layer.MoE`), so `_MoEAwareEngine` tells it, and writes/reads our stacked expert
 weights in DeepSpeed's per-expert checkpoint files (`layer_L_expert_E_mp_rank_00_model_states.pt`,
-keys `<layer>.experts.w1.<E>`, the layout DeepSpeed's AutoEP uses for stacked experts).
+keys `<layer>.experts.w13.<E>`, the layout DeepSpeed's AutoEP uses for stacked experts).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from moe_train.train.optim import param_groups
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown our metrics
 
-_W = ("w1", "w2", "w3")  # the stacked expert weights of moe_train.model.moe.GroupedExperts
 # Keys of a user's DeepSpeed JSON that our config already sets: they must agree with it.
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -257,7 +256,7 @@ class _MoEAwareEngine(deepspeed.runtime.engine.DeepSpeedEngine):
         """(layer prefix, stacked weights' module, [(local index, global index, file)]) per MoE layer."""
         ep_rank = groups._get_expert_parallel_rank(self._expert_group)
         for layer_id, (prefix, moe) in enumerate(_moe_layers(self.module)):
-            local = moe.experts.w1.shape[0]
+            local = moe.experts.w2.shape[0]
             yield (
                 prefix,
                 moe.experts,
@@ -276,7 +275,8 @@ class _MoEAwareEngine(deepspeed.runtime.engine.DeepSpeedEngine):
             for prefix, experts, files in self._expert_files(save_dir, tag):
                 for e, g, path in files:
                     state = {
-                        f"{prefix}.experts.{w}.{g}": getattr(experts, w)[e].detach().cpu().clone() for w in _W
+                        f"{prefix}.experts.{w}.{g}": stacked[e].detach().cpu().clone()
+                        for w, stacked in experts.named_parameters()
                     }
                     self.checkpoint_engine.save(state, path)
         super()._save_moe_checkpoint(save_dir, tag, client_state, exclude_frozen_parameters)
@@ -288,9 +288,9 @@ class _MoEAwareEngine(deepspeed.runtime.engine.DeepSpeedEngine):
     def load_module_state_dict(self, checkpoint, strict=True, **kwargs):
         if self._expert_group:  # this rank's experts, stacked again from the per-expert files
             module = dict(checkpoint["module"])
-            for prefix, _, files in self._expert_files(*self._loading):
+            for prefix, experts, files in self._expert_files(*self._loading):
                 loaded = [(g, self.checkpoint_engine.load(path, map_location="cpu")) for _, g, path in files]
-                for w in _W:
+                for w, _ in experts.named_parameters():
                     module[f"{prefix}.experts.{w}"] = torch.stack(
                         [f[f"{prefix}.experts.{w}.{g}"] for g, f in loaded]
                     )

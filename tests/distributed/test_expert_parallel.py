@@ -70,9 +70,12 @@ def assert_same_run(metrics, params, ref_metrics, ref_params, rtol=1e-5):
         assert m["expert_load/layer_0"] == pytest.approx(ref["expert_load/layer_0"], abs=1e-5)
     if params is not None:
         assert params.keys() == ref_params.keys()
+        # atol 1e-5, 1/300 of one step's largest move (lr 3e-3): Adam divides each gradient by its
+        # own magnitude, so where a gradient is near 0, a last-bit difference from summing the
+        # experts' rows in another grouping moves a weight by ~1e-6 (seen: 1 of 16,384 entries)
         for k in ref_params:
             torch.testing.assert_close(
-                params[k], ref_params[k], rtol=rtol, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}"
+                params[k], ref_params[k], rtol=rtol, atol=1e-5, msg=lambda s, k=k: f"{k}: {s}"
             )
 
 

@@ -33,7 +33,7 @@ def moe_layer_matches_single_process(rank, ep, capacity_factor, result_dir, over
     apply_expert_parallel(sharded, topo, overlap_chunks)
     assert sharded.dispatcher.overlap_chunks == overlap_chunks
     El = 8 // ep
-    assert sharded.experts.w1.shape[0] == El
+    assert sharded.experts.w13.shape[0] == sharded.experts.w2.shape[0] == El
 
     torch.manual_seed(100 + rank)
     num_tokens = [0, 1, 9, 30][rank % 4] if capacity_factor is None else 20 + 3 * rank  # uneven, even empty
