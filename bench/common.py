@@ -32,9 +32,12 @@ def time_it(fn, device: torch.device, warmup: int = 2, repeat: int = 5) -> float
     return statistics.median(times)
 
 
-def time_interleaved(fns: dict, device: torch.device, warmup: int = 2, repeat: int = 5) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in interleaved rounds (the order rotating every
-    round) so that drift on a noisy machine, and whoever runs first, does not bias the ratios."""
+def time_interleaved(
+    fns: dict, device: torch.device, warmup: int = 2, repeat: int = 5
+) -> dict[str, list[float]]:
+    """Seconds of each fn in each of `repeat` rounds (round r's time at index r). Every round runs
+    every fn once, the order rotating, so a ratio taken within a round is paired: a slow spell
+    of a shared machine slows both sides of it, and whoever runs first does not bias it."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -47,7 +50,7 @@ def time_interleaved(fns: dict, device: torch.device, warmup: int = 2, repeat: i
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def machine() -> dict:

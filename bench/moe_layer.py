@@ -19,7 +19,9 @@ Contenders, same shapes and (where the layout allows) the same weights, all in o
   dense_matmul  plain matrix products with the same FLOPs: the ceiling on this machine
 On a CPU the process runs as our training does (moe_train.parallel.topology.retain_freed_memory:
 large blocks reused, not page-faulted in again each call), for every contender alike.
-Contenders are timed in interleaved rounds (bench.common.time_interleaved). Before timing, each
+Contenders are timed in interleaved rounds (bench.common.time_interleaved); vs_ceiling is the median
+over rounds of the contender's FLOP rate over dense_matmul's in the same round (q1 and q3 its
+quartiles), so a slow spell of a shared machine, which slows a whole round, cancels out. Before timing, each
 contender's output is compared with ours (same weights, fp32 on CPU) and the largest difference
 printed, so a contender that routes differently shows.
 FLOPs per layer call (forward + backward) = 6 * tokens * (top_k * 3 * dim * hidden
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 
 import torch
 
@@ -251,11 +254,14 @@ def bench_shape(
         contenders = {c: fn for c, fn in contenders.items() if c in args.contenders}
     dense_rows = tokens * (top_k + shared)
     contenders["dense_matmul"] = dense_swiglu(dense_rows, dim, hidden, device, dtype)
-    results = time_interleaved(contenders, device, repeat=args.repeat)
-    ceiling = dense_swiglu_flops(dense_rows, dim, hidden) / results["dense_matmul"]  # FLOP/s
+    times = time_interleaved(contenders, device, repeat=args.repeat)  # name -> seconds per round
+    dense_flops = dense_swiglu_flops(dense_rows, dim, hidden)
     rows = []
-    for contender, seconds in results.items():
-        done = dense_swiglu_flops(dense_rows, dim, hidden) if contender == "dense_matmul" else flops
+    for contender, seconds in times.items():
+        done = dense_flops if contender == "dense_matmul" else flops
+        # vs_ceiling per round, against dense_matmul's rate in the same round (paired), then the median
+        ratios = [done / t / (dense_flops / d) for t, d in zip(seconds, times["dense_matmul"])]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         rows.append(
             {
                 "shape": name,
@@ -266,10 +272,12 @@ def bench_shape(
                 "top_k": top_k,
                 "shared": shared,
                 "tokens": tokens,
-                "ms": seconds * 1e3,
-                "tokens_per_s": tokens / seconds,
-                "tflops": done / seconds / 1e12,
-                "vs_ceiling": done / seconds / ceiling,
+                "ms": statistics.median(seconds) * 1e3,
+                "tokens_per_s": tokens / statistics.median(seconds),
+                "tflops": done / statistics.median(seconds) / 1e12,
+                "vs_ceiling": statistics.median(ratios),
+                "vs_ceiling_q1": q1,
+                "vs_ceiling_q3": q3,
             }
         )
     del contenders, peers, layer, x
@@ -302,7 +310,7 @@ def main() -> None:
             rows += bench_shape(name, *shape, divisor, tokens, device, dtype, autocast, have_deepspeed, args)
     print(
         f"FLOPs per layer call, every MoE contender: {FLOPS_FORMULA}; dense_matmul does {CEILING_FORMULA};"
-        " vs_ceiling = FLOP rate / dense_matmul's FLOP rate"
+        " vs_ceiling = FLOP rate / dense_matmul's FLOP rate in the same round, median (q1, q3) over rounds"
     )
     print_table(
         rows,
@@ -319,6 +327,8 @@ def main() -> None:
             "tokens_per_s",
             "tflops",
             "vs_ceiling",
+            "vs_ceiling_q1",
+            "vs_ceiling_q3",
         ],
     )
     write_json(

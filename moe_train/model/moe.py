@@ -220,6 +220,44 @@ def grouped_mm_dtype(x: torch.Tensor, *dims: int) -> torch.dtype | None:
     return dtype
 
 
+class _SwiGLU(torch.autograd.Function):
+    """(S, 2F) gate | up, (S,) row weights -> (S, F) silu(gate) * up * row weight.
+
+    The backward writes the gate and up gradients straight into the two halves of one (S, 2F)
+    gradient; autograd's own graph would make them separately and copy them together (chunk's
+    backward), and run the forward's elementwise work on the two strided halves. At DBRX's width
+    that is 17 ms of copy and 3.5 ms of strided work per layer call on 2 cores.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up, row_weights):
+        gate, up = gate_up.chunk(2, dim=-1)
+        s = F.silu(gate)  # (S, F)
+        h = s * up  # (S, F)
+        ctx.save_for_backward(gate_up, s, h, row_weights)
+        return h * row_weights.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate_up, s, h, row_weights = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_row_weights = torch.linalg.vecdot(grad_out, h) if ctx.needs_input_grad[1] else None
+        grad_h = grad_out * row_weights.unsqueeze(-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad_h, s, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_h * up, gate, grad_input=grad_gate)
+        return grad_gate_up, grad_row_weights
+
+
+def swiglu(gate_up: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, 2F) gate | up -> (n, F) silu(gate) * up, each row scaled by its router weight if given."""
+    if row_weights is None:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return _SwiGLU.apply(gate_up, row_weights.to(gate_up.dtype))
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with weights stacked on dim 0, so expert parallelism can shard them by rows.
 
@@ -259,13 +297,6 @@ class GroupedExperts(nn.Module):
             return self._forward_loop(x, tokens_per_expert, row_weights)
         return self._forward_grouped(x.to(dtype), tokens_per_expert, row_weights)
 
-    @staticmethod
-    def _swiglu(gate_up: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
-        """(n, 2F) gate | up -> (n, F) silu(gate) * up, scaled by the rows' router weights."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-        return h if row_weights is None else h * row_weights.to(h.dtype).unsqueeze(-1)
-
     def _forward_loop(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor, row_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -276,7 +307,7 @@ class GroupedExperts(nn.Module):
         chunks = torch.split(x, counts)
         scales = [None] * len(counts) if row_weights is None else torch.split(row_weights, counts)
         for x_e, r_e, w13, w2 in zip(chunks, scales, self.w13.unbind(0), self.w2.unbind(0)):
-            outputs.append(self._swiglu(x_e @ w13, r_e) @ w2)  # (n_e, D)
+            outputs.append(swiglu(x_e @ w13, r_e) @ w2)  # (n_e, D)
         return torch.cat(outputs)
 
     def _forward_grouped(
@@ -284,7 +315,7 @@ class GroupedExperts(nn.Module):
     ) -> torch.Tensor:
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (El,) end row of each expert
         w13, w2 = (w.to(x.dtype) for w in (self.w13, self.w2))
-        h = self._swiglu(torch._grouped_mm(x, w13, offs=offsets), row_weights)  # (S, F)
+        h = swiglu(torch._grouped_mm(x, w13, offs=offsets), row_weights)  # (S, F)
         return torch._grouped_mm(h, w2, offs=offsets)
 
 
