@@ -244,9 +244,10 @@ class TrainerConfig:
     out_dir: str = "runs/default"
     """The run directory: metrics.jsonl, checkpoints/, wandb/, .hydra/."""
     init_from: str | None = None
-    """A checkpoint (a run's, or one written by the tools: import_hf, upcycle, depth_upscale) whose
-    model architecture and weights a new run starts from, with a fresh optimizer at step 0. Ignored
-    once the run has checkpoints of its own (then it resumes)."""
+    """A checkpoint (a run's, or one written by the tools: import_hf, upcycle, depth_upscale), or a
+    run directory (its newest complete checkpoint), whose model architecture and weights a new run
+    starts from, with a fresh optimizer at step 0. Ignored once the run has checkpoints of its own
+    (then it resumes)."""
     resume: str = "auto"
     """`auto`: newest complete checkpoint in out_dir if any; `none`: start fresh (refuses to
     overwrite a run that has checkpoints); or a path to a checkpoint directory."""

@@ -87,10 +87,11 @@ def test_resume_and_convert(tmp_path, native):
     with pytest.raises(ConfigError, match="not a DeepSpeed checkpoint"):
         convert(out, tmp_path / "again")
 
-    # trainer.init_from takes either format at any ep: from the DeepSpeed checkpoint at ep=2 (each
-    # rank slicing its experts) as from the converted one (DCP resharding), the same run
+    # trainer.init_from takes either format at any ep: from the DeepSpeed run at ep=2 (its newest
+    # checkpoint, `last`; each rank slicing its experts) as from the converted one (DCP resharding),
+    # the same run
     init = ("trainer.max_steps=2", "trainer.eval_every=2")
-    from_ds, ds_params = train_run(tmp_path, "init-ds", 2, 2, *init, f"trainer.init_from={last}")
+    from_ds, ds_params = train_run(tmp_path, "init-ds", 2, 2, *init, f"trainer.init_from={run}")
     from_native, native_params = train_run(tmp_path, "init-native", 2, 2, *init, f"trainer.init_from={out}")
     assert [m["loss"] for m in from_ds] == [m["loss"] for m in from_native]
     assert from_ds[0]["loss"] < ref_metrics[0]["loss"] - 0.01  # the trained weights, not a fresh model
