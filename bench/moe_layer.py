@@ -19,11 +19,11 @@ Contenders, same shapes and (where the layout allows) the same weights, all in o
   dense_matmul  plain matrix products with the same FLOPs: the ceiling on this machine
 On a CPU the process runs as our training does (moe_train.parallel.topology.retain_freed_memory:
 large blocks reused, not page-faulted in again each call), for every contender alike.
-Contenders are timed in interleaved rounds (bench.common.time_interleaved); vs_ceiling is the median
-over rounds of the contender's FLOP rate over dense_matmul's in the same round (q1 and q3 its
-quartiles), so a slow spell of a shared machine, which slows a whole round, cancels out. Before timing, each
-contender's output is compared with ours (same weights, fp32 on CPU) and the largest difference
-printed, so a contender that routes differently shows.
+Contenders are timed in interleaved rounds (bench.common.time_interleaved); vs_ceiling is the
+median over rounds of the contender's FLOP rate over dense_matmul's in the same round (q1 and q3
+its quartiles), so a slow spell of a shared machine, which slows a whole round, cancels out.
+Before timing, each contender's output is compared with ours (same weights, fp32 on CPU) and the
+largest difference printed, so a contender that routes differently shows.
 FLOPs per layer call (forward + backward) = 6 * tokens * (top_k * 3 * dim * hidden
   + num_shared * 3 * dim * hidden + dim * num_experts): router, routed and shared experts; the same
   count for every contender (padding rows that a contender computes are not counted). The ceiling's

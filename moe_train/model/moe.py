@@ -263,8 +263,9 @@ class GroupedExperts(nn.Module):
 
     The gate and up projections are one weight, w13 = [w1 | w3] on its last dim (as Megatron-Core's
     linear_fc1 and transformers' gate_up_proj): one product per expert instead of two, and one for
-    the input gradient in backward. On 2 CPU cores that is 3-4 % of the whole layer at the
-    fine-grained shapes (64 experts of 384 rows), level at Mixtral's.
+    the input gradient in backward. On 2 CPU cores that is 2-4 % of the whole layer at the
+    fine-grained shapes (64 experts of 384 rows) and level at the wide ones, where it needs
+    swiglu's own backward (without it, 6 % slower at DBRX's width).
 
     forward takes tokens already grouped by expert and how many each expert has, and runs each
     weight as one grouped product (torch._grouped_mm: on CPUs, and on Hopper GPUs in bf16); where

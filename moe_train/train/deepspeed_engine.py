@@ -290,7 +290,7 @@ class _MoEAwareEngine(deepspeed.runtime.engine.DeepSpeedEngine):
             module = dict(checkpoint["module"])
             for prefix, experts, files in self._expert_files(*self._loading):
                 loaded = [(g, self.checkpoint_engine.load(path, map_location="cpu")) for _, g, path in files]
-                for w, _ in experts.named_parameters():
+                for w in dict(experts.named_parameters()):
                     module[f"{prefix}.experts.{w}"] = torch.stack(
                         [f[f"{prefix}.experts.{w}.{g}"] for g, f in loaded]
                     )
