@@ -16,14 +16,19 @@ Contenders, same shapes and (where the layout allows) the same weights, all in o
                 no noise on the second expert (top2_2nd_expert_sampling=False), so it routes as we
                 do; shared experts added as for hf_mixtral. Its TopKGate runs any k (top-1, top-2
                 and a general top-k path), so every shape runs.
+  megatron      megatron-core's MoELayer holding our router, expert and shared-expert weights
+                (megatron_moe: dropless, aux and z losses on; TEGroupedMLP's grouped GEMM when
+                transformer_engine is installed, else SequentialMLP's loop over experts). On a
+                CPU its router's torch.cuda.current_device() calls are answered 'cpu' (OnCPU).
   dense_matmul  plain matrix products with the same FLOPs: the ceiling on this machine
 On a CPU the process runs as our training does (moe_train.parallel.topology.retain_freed_memory:
 large blocks reused, not page-faulted in again each call), for every contender alike.
 Contenders are timed in interleaved rounds (bench.common.time_interleaved); vs_ceiling is the
 median over rounds of the contender's FLOP rate over dense_matmul's in the same round (q1 and q3
 its quartiles), so a slow spell of a shared machine, which slows a whole round, cancels out.
-Before timing, each contender's output is compared with ours (same weights, fp32 on CPU) and the
-largest difference printed, so a contender that routes differently shows.
+Before timing, each contender's output is compared with ours (same weights; fp32 on CPU, under bf16
+autocast on a GPU) and the largest difference printed, so a contender that routes differently or
+holds the weights otherwise shows.
 FLOPs per layer call (forward + backward) = 6 * tokens * (top_k * 3 * dim * hidden
   + num_shared * 3 * dim * hidden + dim * num_experts): router, routed and shared experts; the same
   count for every contender (padding rows that a contender computes are not counted). The ceiling's
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import unittest.mock
 
 import torch
 
@@ -124,23 +130,46 @@ class SwiGLUExpert(torch.nn.Module):
         return (torch.nn.functional.silu(x @ self.w1) * (x @ self.w3)) @ self.w2
 
 
-@contextlib.contextmanager
-def deepspeed_world():
-    """A world-of-one gloo process group for DeepSpeed's MoE layer (it reads its expert-parallel
-    group from deepspeed.utils.groups), or None when DeepSpeed is not installed."""
+def _join_deepspeed() -> bool:
     try:
         import deepspeed
-        import torch.distributed as dist
     except ImportError:
-        yield False
-        return
+        print("deepspeed skipped: not installed")
+        return False
+    deepspeed.init_distributed(dist_backend="gloo")
+    return True
+
+
+def _join_megatron() -> bool:
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        print("megatron skipped: megatron-core not installed")
+        return False
+    parallel_state.initialize_model_parallel()  # every model-parallel size 1
+    return True
+
+
+@contextlib.contextmanager
+def world_of_one(wanted=("deepspeed", "megatron")):
+    """A world-of-one gloo process group for the peers that read their groups from a library's
+    global state: DeepSpeed's MoE layer (deepspeed.utils.groups) and megatron-core's
+    (parallel_state). Yields the names of the wanted peers that can run; a peer not wanted is not
+    imported (DeepSpeed's set-up builds a communication op the first time)."""
+    import torch.distributed as dist
+
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    joins = {"deepspeed": _join_deepspeed, "megatron": _join_megatron}
+    peers = {name for name in wanted if joins[name]()}
     try:
-        yield True
+        yield peers
     finally:
+        if "megatron" in peers:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
 
@@ -170,6 +199,87 @@ def deepspeed_moe(layer: MoE, dim, hidden, experts, top_k, device):
     return block
 
 
+def megatron_moe(
+    layer: MoE, dim, hidden, experts, top_k, shared, device, aux_loss_coef=1e-2, z_loss_coef=1e-3
+):
+    """megatron-core's MoELayer with our router, expert and shared-expert weights, dropless.
+
+    Its best path where it can have it: with transformer_engine installed, TEGroupedMLP (one
+    grouped GEMM) and TE's fused permutation and router; else SequentialMLP (a loop over experts;
+    its other grouped path needs the grouped_gemm package, built for CUDA only). The alltoall
+    dispatcher on a GPU (the one Megatron recommends with expert parallelism); on a CPU the
+    allgather one, since alltoall creates CUDA streams when it is built. Top-k on the logits then
+    softmax over the k, which is our softmax-top-k-renormalise; aux and z losses on, as ours
+    computes both."""
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.spec_utils import build_module
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        # megatron-core 0.16 reads this name in its router whether or not transformer_engine
+        # imported (it is only bound by that import): without TE it raises NameError
+        moe_utils.te_general_gemm = None
+    on_gpu = device.type == "cuda"
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=dim,
+        num_attention_heads=1,
+        ffn_hidden_size=hidden,
+        moe_ffn_hidden_size=hidden,
+        num_moe_experts=experts,
+        moe_router_topk=top_k,
+        moe_shared_expert_intermediate_size=shared * hidden or None,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        moe_grouped_gemm=moe_utils.HAVE_TE,  # with TE, its fused kernels too, as its own recipes
+        moe_permute_fusion=moe_utils.HAVE_TE,
+        moe_router_fusion=moe_utils.HAVE_TE,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=aux_loss_coef,
+        moe_z_loss_coeff=z_loss_coef,
+        # built on the CPU, then moved, and not initialised (on a GPU that needs Megatron's CUDA RNG
+        # tracker set up): every weight is copied from ours below
+        use_cpu_initialization=True,
+        perform_initialization=False,
+    )
+    spec = get_moe_module_spec(
+        use_te=moe_utils.HAVE_TE, num_experts=experts, moe_grouped_gemm=moe_utils.HAVE_TE
+    )
+    block = build_module(spec, config=config).to(device)
+    with torch.no_grad():
+        block.router.weight.copy_(layer.router.gate.weight)
+        for e in range(experts):
+            if hasattr(block.experts, "local_experts"):  # SequentialMLP: one MLP per expert
+                mlp = block.experts.local_experts[e]
+                fc1, fc2 = mlp.linear_fc1.weight, mlp.linear_fc2.weight
+            else:  # TEGroupedMLP: TE's GroupedLinear keeps weight0, weight1, ... (out, in)
+                fc1 = getattr(block.experts.linear_fc1, f"weight{e}")
+                fc2 = getattr(block.experts.linear_fc2, f"weight{e}")
+            fc1.copy_(layer.experts.w13[e].T)  # (2F, D): [gate; up], as our [w1 | w3] transposed
+            fc2.copy_(layer.experts.w2[e].T)
+        if shared:
+            ffn = layer.shared_experts
+            block.shared_experts.linear_fc1.weight.copy_(torch.cat([ffn.w1.weight, ffn.w3.weight]))
+            block.shared_experts.linear_fc2.weight.copy_(ffn.w2.weight)
+    return block if on_gpu else OnCPU(block)
+
+
+class OnCPU(torch.nn.Module):
+    """megatron-core's router puts its weight and loss tensors on torch.cuda.current_device(),
+    which cannot be called without CUDA: on a CPU it is 'cpu' while the block runs forward."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        with unittest.mock.patch("torch.cuda.current_device", return_value="cpu"):
+            return self.block(x)
+
+
 class WithShared(torch.nn.Module):
     """A routed-only block plus our layer's shared experts (same weights): the DeepSeekMoE shape for
     blocks that have no shared experts."""
@@ -184,8 +294,8 @@ class WithShared(torch.nn.Module):
         return out if self.shared is None else out + self.shared(x)
 
 
-def max_difference(module, layer: MoE, x, shape=None) -> float:
-    with torch.no_grad():
+def max_difference(module, layer: MoE, x, autocast, shape=None) -> float:
+    with torch.no_grad(), autocast():
         ours = layer(x)[0].float()
         out = module(x if shape is None else x.view(shape))
         out = out[0] if isinstance(out, tuple) else out
@@ -224,7 +334,7 @@ def dense_swiglu(rows, dim, hidden, device, dtype):
 
 
 def bench_shape(
-    name, dim, hidden, experts, top_k, shared, divisor, tokens, device, dtype, autocast, have_deepspeed, args
+    name, dim, hidden, experts, top_k, shared, divisor, tokens, device, dtype, autocast, peers_available, args
 ) -> list[dict]:
     dim, hidden = dim // divisor, hidden // divisor
     flops = layer_flops(tokens, dim, hidden, experts, top_k, shared)
@@ -238,17 +348,20 @@ def bench_shape(
             peers["hf_mixtral"] = (WithShared(block, layer.shared_experts), (1, tokens, dim))
     except Exception as e:  # noqa: BLE001 - a transformers version with another layout
         print(f"hf_mixtral skipped at {name}: {type(e).__name__}: {e}")
-    if have_deepspeed:
+    if "deepspeed" in peers_available:
         try:
             block = deepspeed_moe(layer, dim, hidden, experts, top_k, device)
             peers["deepspeed"] = (WithShared(block, layer.shared_experts), (1, tokens, dim))
         except Exception as e:  # noqa: BLE001 - a DeepSpeed version whose gate cannot run this k
             print(f"deepspeed skipped at {name} (top-{top_k}): {type(e).__name__}: {e}")
-    else:
-        print("deepspeed skipped: not installed")
-    for peer, (module, view) in peers.items():
-        if dtype is None:  # fp32: a peer with the same weights must give our output
-            print(f"{name}: {peer} max |output - ours| = {max_difference(module, layer, x, view):.2e}")
+    if "megatron" in peers_available:  # sequence-first: (tokens, batch 1, dim)
+        peers["megatron"] = (
+            megatron_moe(layer, dim, hidden, experts, top_k, shared, device),
+            (tokens, 1, dim),
+        )
+    for peer, (module, view) in peers.items():  # same weights: the same output, to fp32 or bf16 rounding
+        difference = max_difference(module, layer, x, autocast, view)
+        print(f"{name}: {peer} max |output - ours| = {difference:.2e} ({dtype or torch.float32})")
         contenders[peer] = step_fn(module, x, autocast, view)
     if args.contenders:
         contenders = {c: fn for c, fn in contenders.items() if c in args.contenders}
@@ -304,10 +417,10 @@ def main() -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
 
     rows = []
-    with deepspeed_world() as have_deepspeed:
+    with world_of_one() as peers_available:
         for name in args.shapes:
             shape = SHAPES[name]
-            rows += bench_shape(name, *shape, divisor, tokens, device, dtype, autocast, have_deepspeed, args)
+            rows += bench_shape(name, *shape, divisor, tokens, device, dtype, autocast, peers_available, args)
     print(
         f"FLOPs per layer call, every MoE contender: {FLOPS_FORMULA}; dense_matmul does {CEILING_FORMULA};"
         " vs_ceiling = FLOP rate / dense_matmul's FLOP rate in the same round, median (q1, q3) over rounds"

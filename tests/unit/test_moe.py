@@ -74,6 +74,44 @@ def test_moe_matches_naive_reference_outputs_and_gradients(num_experts, top_k, s
     assert stats.dropped == 0
 
 
+@pytest.mark.parametrize("num_experts,top_k,shared", [(8, 2, 0), (16, 4, 2)])
+def test_moe_matches_megatron_core_layer(num_experts, top_k, shared):
+    """megatron-core's MoELayer holding our weights (as bench.moe_layer builds it) is an independent
+    implementation of the same layer: its output and every gradient agree with ours, the router's
+    included, through the load-balancing and z losses at Megatron's normalisation."""
+    from bench.moe_layer import megatron_moe, world_of_one
+
+    aux_coef, z_coef = 0.5, 0.1  # large, so a loss normalised otherwise shows in the router's gradient
+    moe = make_moe(num_experts, top_k, shared)
+    x = torch.randn(26, 16, requires_grad=True)
+    with world_of_one(wanted=("megatron",)):
+        block = megatron_moe(moe, 16, 24, num_experts, top_k, shared, x.device, aux_coef, z_coef)
+        x_ref = x.detach().clone().requires_grad_()
+        ref = block(x_ref.view(26, 1, 16))[0].view(26, 16)  # sequence-first
+        grad_out = torch.randn(26, 16)
+        ref.backward(grad_out)  # Megatron adds its losses' gradients in its own backward
+
+    out, stats = moe(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    lm_only = torch.autograd.grad(out, moe.router.gate.weight, grad_out, retain_graph=True)[0]
+    ((out * grad_out).sum() + aux_coef * stats.aux_loss + z_coef * stats.z_loss).backward()
+    mcore = block.block
+    w13 = torch.stack([e.linear_fc1.weight.grad.T for e in mcore.experts.local_experts])
+    w2 = torch.stack([e.linear_fc2.weight.grad.T for e in mcore.experts.local_experts])
+    pairs = [(x.grad, x_ref.grad), (moe.router.gate.weight.grad, mcore.router.weight.grad)]
+    pairs += [(moe.experts.w13.grad, w13), (moe.experts.w2.grad, w2)]
+    if shared:
+        ffn = moe.shared_experts
+        fc1 = torch.cat([ffn.w1.weight.grad, ffn.w3.weight.grad])
+        pairs += [
+            (fc1, mcore.shared_experts.linear_fc1.weight.grad),
+            (ffn.w2.weight.grad, mcore.shared_experts.linear_fc2.weight.grad),
+        ]
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert (lm_only - moe.router.gate.weight.grad).abs().max() > 1e-2  # the losses' part is not negligible
+
+
 def test_capacity_factor_drops_over_capacity_in_token_order():
     moe = make_moe(8, 2, capacity_factor=0.5)
     x = torch.randn(40, 16)
