@@ -1,12 +1,15 @@
-"""Atomic checkpoint folders, in the engine's format: DCP (native: sharded, reshardable) or DeepSpeed's.
+"""Atomic checkpoint folders of torch.distributed.checkpoint (DCP): sharded, reshardable.
 
-Layout: out_dir/checkpoints/step_00000100/ holds the engine's files (DCP's shards and .metadata, or
-DeepSpeed's mp_rank_00_model_states.pt, per-expert and ZeRO files) and config.yaml.
+Layout: out_dir/checkpoints/step_00000100/ holds DCP's shards and .metadata (the model's weights under
+"model", the engine's optimizer state under "optim", the data position and RNG under "progress")
+and config.yaml.
 Each rank writes only its own files into step_XXXXXXXX.tmp; rank 0 writes config.yaml and renames
 the folder once every rank has finished, so a folder without the .tmp suffix is always complete, and
 a crash mid-save leaves only a .tmp folder that resume ignores and the next run deletes.
 
-Weights load from either format (load_weights, load_model): the tools and trainer.init_from take both.
+Either engine writes the same "model" entries, so weights load alike from every checkpoint
+(load_weights, load_model: the tools and trainer.init_from); the optimizer state resumes only under
+the engine that wrote it (config.yaml says which).
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ from moe_train.parallel.topology import Topology
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's non-expert weights and client state
-_DEEPSPEED_EXPERT_FILE = re.compile(r"^layer_\d+_expert_\d+_mp_rank_00_model_states\.pt$")
 
 
 @dataclass
@@ -47,18 +48,12 @@ def is_complete(path: Path) -> bool:
     return _STEP_DIR.match(path.name) is not None and (path / "config.yaml").is_file()
 
 
-def is_deepspeed(checkpoint: Path) -> bool:
-    return (Path(checkpoint) / DEEPSPEED_MODEL_STATES).is_file()
-
-
 def load_config(checkpoint: str | Path) -> Config:
-    """The configuration a checkpoint (native or DeepSpeed) was written with."""
+    """The configuration a checkpoint was written with."""
     checkpoint = Path(checkpoint)
-    has_weights = (checkpoint / ".metadata").is_file() or is_deepspeed(checkpoint)
-    if not ((checkpoint / "config.yaml").is_file() and has_weights):
+    if not ((checkpoint / "config.yaml").is_file() and (checkpoint / ".metadata").is_file()):
         raise ConfigError(
-            f"{checkpoint} is not a moe_train checkpoint (a folder with config.yaml and either DCP's "
-            f".metadata or DeepSpeed's {DEEPSPEED_MODEL_STATES})"
+            f"{checkpoint} is not a moe_train checkpoint (a folder with config.yaml and DCP's .metadata)"
         )
     schema = OmegaConf.structured(Config)
     return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(checkpoint / "config.yaml")))
@@ -81,42 +76,8 @@ def load_weights(path: str | Path, model: nn.Module, topology: Topology | None =
     """Model weights only, from a training checkpoint or a weights-only one, at any expert layout."""
     path = Path(path)
     load_config(path)  # checks it is a checkpoint
-    if is_deepspeed(path):
-        state = read_deepspeed_weights(path)
-        if topology is not None and topology.ep > 1:  # this rank's expert shard
-            own = model.state_dict()
-            for key, value in state.items():
-                if ".experts." in key:
-                    per_rank = own[key].shape[0]
-                    state[key] = value[topology.ep_rank * per_rank : (topology.ep_rank + 1) * per_rank]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ConfigError(f"cannot load checkpoint {path} into this model: {_reason(e)}") from None
-        return
     state = dcp_load({"model": model.state_dict()}, path, topology)
     model.load_state_dict(state["model"])
-
-
-def read_deepspeed_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The full model state dict of a DeepSpeed checkpoint (the stacked experts joined again from
-    DeepSpeed's per-expert files), fp32 on the CPU, in one process."""
-    path = Path(path)
-    try:
-        state = torch.load(path / DEEPSPEED_MODEL_STATES, map_location="cpu", weights_only=False)["module"]
-        experts: dict[str, dict[int, torch.Tensor]] = {}
-        for f in sorted(p for p in path.iterdir() if _DEEPSPEED_EXPERT_FILE.match(p.name)):
-            for key, tensor in torch.load(f, map_location="cpu", weights_only=True).items():
-                stacked, _, index = key.rpartition(".")  # <layer>.experts.w13.<global expert>
-                experts.setdefault(stacked, {})[int(index)] = tensor
-    except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
-        raise ConfigError(f"cannot read DeepSpeed checkpoint {path}: {_reason(e)}") from None
-    for key, by_index in experts.items():
-        if sorted(by_index) != list(range(len(by_index))):
-            missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
-            raise ConfigError(f"DeepSpeed checkpoint {path} lacks the files of experts {missing} of {key}")
-        state[key] = torch.stack([by_index[i] for i in range(len(by_index))])
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -222,7 +183,7 @@ class Checkpointer:
                 f"trainer.resume={path} is not a complete checkpoint "
                 "(a step_XXXXXXXX folder with config.yaml)"
             )
-        written_by = "deepspeed" if is_deepspeed(path) else "native"
+        written_by = load_config(path).engine.name
         if written_by != engine.name:
             raise ConfigError(
                 f"checkpoint {path} was written by engine={written_by} and this run uses "

@@ -1,19 +1,22 @@
 """engine=deepspeed: the same run with DeepSpeed's ZeRO-1/2 sharding the optimizer states.
 
 What DeepSpeed does here: the optimizer states (and, at stage 2, the gradients) are partitioned
-over the data-parallel ranks, optionally kept on the CPU (ZeRO-Offload), gradients are reduced and
-clipped by its engine, and checkpoints are DeepSpeed checkpoints. What stays ours: the model, its
-expert-parallel all-to-all, the data, the schedule, metrics and callbacks.
+over the data-parallel ranks, optionally kept on the CPU (ZeRO-Offload), and gradients are reduced
+and clipped by its engine. What stays ours: the model, its expert-parallel all-to-all, the data,
+the schedule, metrics, callbacks and checkpoints.
 
 Expert parameters are marked the way DeepSpeed marks its own MoE layers' (`allreduce=False`,
 `group_name="ep_size_<ep>"`), put in their own optimizer groups, and DeepSpeed's expert groups are
 created from the same rank layout as our (edp, ep) mesh: ZeRO then reduces and partitions expert
-states over the expert-data-parallel ranks and dense states over the world.
+states over the expert-data-parallel ranks and dense states over the world. DeepSpeed (0.19.8,
+pinned) recognises an MoE model only by the class of its MoE layers (its own
+`deepspeed.moe.layer.MoE`), so `_MoEAwareEngine` tells it.
 
-DeepSpeed (0.19.8, pinned) recognises an MoE model only by the class of its MoE layers (its own
-`deepspeed.moe.layer.MoE`), so `_MoEAwareEngine` tells it, and writes/reads our stacked expert
-weights in DeepSpeed's per-expert checkpoint files (`layer_L_expert_E_mp_rank_00_model_states.pt`,
-keys `<layer>.experts.w13.<E>`, the layout DeepSpeed's AutoEP uses for stacked experts).
+Checkpoints are DCP folders like the native engine's: the model's weights in the same keys (so
+every tool and trainer.init_from read them alike), plus ZeRO's fp32 master weights and Adam moments
+per parameter, written by each rank as the fragments its partition holds (DeepSpeed's own map from
+a parameter to its slice of the partition, the one its universal checkpoints use) and read back
+into whatever fragments another layout gives each rank.
 """
 
 from __future__ import annotations
@@ -27,15 +30,18 @@ import deepspeed
 import deepspeed.runtime.engine
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
 
 from moe_train.config import Config, ConfigError, check_zero_stage
 from moe_train.model.moe import MoE
 from moe_train.parallel.data_parallel import is_expert_param
+from moe_train.parallel.expert_parallel import expert_shards_to_dtensors
 from moe_train.parallel.topology import Topology
-from moe_train.train.checkpoint import load_config
+from moe_train.train.checkpoint import dcp_load
 from moe_train.train.engine import tensor_bytes
 from moe_train.train.optim import param_groups
 
@@ -194,41 +200,73 @@ class ZeroEngine:
         master = tensor_bytes(getattr(zero, "single_partition_of_fp32_groups", []))
         return {"moments": moments, "master_weights": master}
 
+    # ---- checkpoints: DCP, as the native engine's, with ZeRO's partitions as the shards ----
+
+    def _linked_optimizer_state(self) -> None:
+        """Adam's moments exist from the first step on; a fresh engine (one about to resume) gets
+        zeroed ones here. Either way each parameter's fragment is then linked to its slice of them,
+        as DeepSpeed links them after a step."""
+        zero = self.optimizer
+        inner = zero.optimizer
+        for group in inner.param_groups:
+            flat = group["params"][0]  # this rank's partition of the group, fp32
+            state = inner.state[flat]
+            if "exp_avg" not in state:
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(flat), torch.zeros_like(flat)
+                state["step"] = 0 if _is_cpu_adam(inner) else torch.tensor(0.0)
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+    def _state(self, progress: dict) -> dict:
+        """What a checkpoint holds: the model's weights as the native engine writes them, and ZeRO's
+        fp32 master weights and Adam moments of each parameter as the flat fp32 tensor they
+        partition, each rank holding the fragments it owns (lp_fragment_address: the slice of the
+        flattened parameter; experts offset by the ep rank's place in the stacked tensor). DCP
+        stores every fragment once and reads them back into any other partitioning: another world
+        size, ep or ZeRO stage."""
+        self._linked_optimizer_state()
+        topo, rank = self.topology, dist.get_rank()
+        optim: dict = {key: {} for key in _ZERO_STATE}
+        for name, param in self.engine.module.named_parameters():
+            size = param.numel()
+            base, total = (topo.ep_rank * size, size * topo.ep) if is_expert_param(name) else (0, size)
+            mapping = getattr(param, "_hp_mapping", None)
+            for key in _ZERO_STATE:
+                shards = []
+                if mapping is not None:  # None: another rank owns all of this parameter
+                    fragment = mapping.get_hp_fragment(None if key == "fp32" else key)
+                    at = mapping.lp_fragment_address
+                    placement = f"rank:{rank}/{fragment.device}"
+                    shards.append(Shard(fragment, ShardMetadata([base + at.start], [at.numel], placement)))
+                optim[key][name] = init_from_local_shards(shards, total)
+        step = next(iter(self.optimizer.optimizer.state.values()))["step"]
+        optim["step"] = torch.tensor(float(step))
+        model = {k: v.float() for k, v in self.engine.module.state_dict().items()}  # fp32, as native
+        return {"model": model, "optim": optim, "progress": progress}
+
     def save(self, folder: Path, progress: dict) -> None:
-        self.engine.save_checkpoint(
-            str(folder.parent), tag=folder.name, client_state=progress, save_latest=False
-        )
+        state = expert_shards_to_dtensors(self._state(progress), self.topology)
+        dcp.save(state, checkpoint_id=folder, no_dist=not self.topology.distributed)
 
     def load(self, folder: Path, progress: dict) -> dict:
-        """Restore model, optimizer partitions in place (same world size and ep as when saved)."""
-        saved_ep = load_config(folder).parallel.ep
-        if saved_ep != self.topology.ep:  # a changed world size is refused by DeepSpeed's own check
-            raise ConfigError(
-                f"DeepSpeed checkpoint {folder} was written with parallel.ep={saved_ep} and resumes only "
-                f"at that layout (this run: parallel.ep={self.topology.ep}); to change it, start from its "
-                "weights with trainer.init_from"
-            )
-        try:
-            _, client_state = self.engine.load_checkpoint(
-                str(folder.parent),
-                tag=folder.name,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )
-        except (RuntimeError, AssertionError, FileNotFoundError, KeyError, ValueError) as err:
-            raise ConfigError(
-                f"cannot resume from DeepSpeed checkpoint {folder}: {_first_line(err)}"
-            ) from None
-        if client_state is None:
-            raise ConfigError(
-                f"cannot resume from DeepSpeed checkpoint {folder}: DeepSpeed could not read it"
-            )
-        return {k: client_state[k] for k in progress}
+        """Restore weights, master weights and moments in place at any layout (world size, ep, ZeRO
+        stage, offload); returns the saved `progress`."""
+        state = dcp_load(self._state(progress), folder, self.topology)
+        self.engine.module.load_state_dict(state["model"])
+        step = state["optim"]["step"].item()
+        inner = self.optimizer.optimizer
+        for group in inner.param_groups:
+            inner.state[group["params"][0]]["step"] = int(step) if _is_cpu_adam(inner) else torch.tensor(step)
+        self.engine.global_steps = int(state["progress"]["step"])
+        return state["progress"]
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+_ZERO_STATE = ("fp32", "exp_avg", "exp_avg_sq")  # per parameter, in the checkpoint's "optim"
+
+
+def _is_cpu_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """DeepSpeed's CPU Adam (ZeRO-Offload) counts steps in an int; torch's AdamW in a tensor."""
+    return type(optimizer).__name__ == "DeepSpeedCPUAdam"
 
 
 def _moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
@@ -236,8 +274,8 @@ def _moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
 
 
 class _MoEAwareEngine(deepspeed.runtime.engine.DeepSpeedEngine):
-    """DeepSpeed's engine, told that our MoE layers are MoE layers, with their stacked expert
-    weights saved as DeepSpeed's per-expert files (overrides of five DeepSpeed 0.19 methods)."""
+    """DeepSpeed's engine, told that our MoE layers are MoE layers (an override of one DeepSpeed
+    0.19 method): it recognises only its own MoE class."""
 
     def __init__(self, *args, expert_group: str | None, **kwargs):
         self._expert_group = expert_group  # None: a dense model
@@ -248,51 +286,3 @@ class _MoEAwareEngine(deepspeed.runtime.engine.DeepSpeedEngine):
         if self._expert_group:  # DeepSpeed finds MoE layers by class; its ZeRO optimizer is built next
             self.has_moe_layers = True
             self.num_experts = [m.num_experts for _, m in _moe_layers(self.module)]
-
-    def _get_non_moe_state_dict(self, full_state_dict):
-        return {k: v for k, v in full_state_dict.items() if not is_expert_param(k)}
-
-    def _expert_files(self, save_dir, tag):
-        """(layer prefix, stacked weights' module, [(local index, global index, file)]) per MoE layer."""
-        ep_rank = groups._get_expert_parallel_rank(self._expert_group)
-        for layer_id, (prefix, moe) in enumerate(_moe_layers(self.module)):
-            local = moe.experts.w2.shape[0]
-            yield (
-                prefix,
-                moe.experts,
-                [
-                    (
-                        e,
-                        ep_rank * local + e,
-                        self._get_expert_ckpt_name(save_dir, layer_id, ep_rank * local + e, tag),
-                    )
-                    for e in range(local)
-                ],
-            )
-
-    def _save_moe_checkpoint(self, save_dir, tag, client_state=None, exclude_frozen_parameters=False):
-        if groups._get_expert_data_parallel_rank(self._expert_group) == 0:  # one writer per expert shard
-            for prefix, experts, files in self._expert_files(save_dir, tag):
-                for e, g, path in files:
-                    state = {
-                        f"{prefix}.experts.{w}.{g}": stacked[e].detach().cpu().clone()
-                        for w, stacked in experts.named_parameters()
-                    }
-                    self.checkpoint_engine.save(state, path)
-        super()._save_moe_checkpoint(save_dir, tag, client_state, exclude_frozen_parameters)
-
-    def load_checkpoint(self, load_dir, tag=None, **kwargs):
-        self._loading = (load_dir, tag)
-        return super().load_checkpoint(load_dir, tag=tag, **kwargs)
-
-    def load_module_state_dict(self, checkpoint, strict=True, **kwargs):
-        if self._expert_group:  # this rank's experts, stacked again from the per-expert files
-            module = dict(checkpoint["module"])
-            for prefix, experts, files in self._expert_files(*self._loading):
-                loaded = [(g, self.checkpoint_engine.load(path, map_location="cpu")) for _, g, path in files]
-                for w in dict(experts.named_parameters()):
-                    module[f"{prefix}.experts.{w}"] = torch.stack(
-                        [f[f"{prefix}.experts.{w}.{g}"] for g, f in loaded]
-                    )
-            checkpoint = {**checkpoint, "module": module}
-        return super().load_module_state_dict(checkpoint, strict=strict, **kwargs)
