@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import deepspeed
@@ -46,6 +47,9 @@ from moe_train.train.engine import tensor_bytes
 from moe_train.train.optim import param_groups
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown our metrics
+# ZeRO's fragments go to DCP as ShardedTensors (DTensor cannot hold uneven 1-D fragments); torch
+# 2.13 (pinned) reads them with a deprecation notice on every load
+warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
 
 # Keys of a user's DeepSpeed JSON that our config already sets: they must agree with it.
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
