@@ -1,11 +1,14 @@
-"""Native engine vs DeepSpeed ZeRO-1 / ZeRO-2 (/ ZeRO-Offload) on the same run: step time and
-optimizer memory per rank, on N gloo processes (CPU) or N GPUs.
+"""Native engine vs DeepSpeed ZeRO-1 / ZeRO-2 (/ ZeRO-Offload) on the same run: step time,
+optimizer memory per rank, and the checkpoint's save and load time and size, on N gloo processes
+(CPU) or N GPUs.
 
     python -m bench.engines                          # 2 processes, mixtral_tiny, ep=1 and ep=2
     python -m bench.engines --world 2 --offload model=dbrx_tiny
 
 Optimizer memory is measured from each rank's optimizer tensors (Adam's moments; for ZeRO also the
 fp32 master copy of the rank's partition), not estimated. Step time: median over the timed steps.
+Checkpoint: after the timed steps, median of 3 saves (Checkpointer.save: every rank's shards,
+config.yaml, the rename) and of 3 loads of it; its size on disk.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from bench.common import print_table, write_json
@@ -38,7 +42,18 @@ def worker(rank: int, overrides: list[str], warmup: int, steps: int, result_dir:
     for _ in range(warmup - 1):
         trainer.train_step()
     timed = [trainer.train_step() for _ in range(steps)]
+    saves, loads = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        path = trainer.checkpointer.save(config, trainer.engine, trainer.progress)
+        saves.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        trainer.checkpointer.load(path, trainer.engine)
+        loads.append(time.perf_counter() - start)
     result = {
+        "save_s": statistics.median(saves),
+        "load_s": statistics.median(loads),
+        "ckpt_mb": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20,
         "step_s": statistics.median(m["step_time"] for m in timed),
         "tokens_per_s": statistics.median(m["tokens_per_sec"] for m in timed),
         "loss_last": timed[-1]["loss"],
@@ -86,6 +101,9 @@ def main() -> None:
                     "moments_mb_per_rank": max(r["optimizer_moments_mb"] for r in ranks),
                     "master_mb_per_rank": max(r["optimizer_master_weights_mb"] for r in ranks),
                     "loss_last": ranks[0]["loss_last"],
+                    "save_s": max(r["save_s"] for r in ranks),
+                    "load_s": max(r["load_s"] for r in ranks),
+                    "ckpt_mb": ranks[0]["ckpt_mb"],
                 }
             )
     for row in rows:  # optimizer memory relative to the native engine at the same ep

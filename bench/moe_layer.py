@@ -25,7 +25,9 @@ On a CPU the process runs as our training does (moe_train.parallel.topology.reta
 large blocks reused, not page-faulted in again each call), for every contender alike.
 Contenders are timed in interleaved rounds (bench.common.time_interleaved); vs_ceiling is the
 median over rounds of the contender's FLOP rate over dense_matmul's in the same round (q1 and q3
-its quartiles), so a slow spell of a shared machine, which slows a whole round, cancels out.
+its quartiles), so a slow spell of a shared machine, which slows a whole round, cancels out;
+time_vs_ours the median over rounds of the contender's time over ours in the same round (above 1:
+slower than ours).
 Before timing, each contender's output is compared with ours (same weights; fp32 on CPU, under bf16
 autocast on a GPU) and the largest difference printed, so a contender that routes differently or
 holds the weights otherwise shows.
@@ -375,6 +377,7 @@ def bench_shape(
         # vs_ceiling per round, against dense_matmul's rate in the same round (paired), then the median
         ratios = [done / t / (dense_flops / d) for t, d in zip(seconds, times["dense_matmul"])]
         q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        vs_ours = [t / o for t, o in zip(seconds, times["ours"])] if "ours" in times else [float("nan")]
         rows.append(
             {
                 "shape": name,
@@ -391,6 +394,7 @@ def bench_shape(
                 "vs_ceiling": statistics.median(ratios),
                 "vs_ceiling_q1": q1,
                 "vs_ceiling_q3": q3,
+                "time_vs_ours": statistics.median(vs_ours),
             }
         )
     del contenders, peers, layer, x
@@ -423,7 +427,8 @@ def main() -> None:
             rows += bench_shape(name, *shape, divisor, tokens, device, dtype, autocast, peers_available, args)
     print(
         f"FLOPs per layer call, every MoE contender: {FLOPS_FORMULA}; dense_matmul does {CEILING_FORMULA};"
-        " vs_ceiling = FLOP rate / dense_matmul's FLOP rate in the same round, median (q1, q3) over rounds"
+        " vs_ceiling = FLOP rate / dense_matmul's FLOP rate in the same round, median (q1, q3) over rounds;"
+        " time_vs_ours = time / ours in the same round, median over rounds"
     )
     print_table(
         rows,
@@ -442,6 +447,7 @@ def main() -> None:
             "vs_ceiling",
             "vs_ceiling_q1",
             "vs_ceiling_q3",
+            "time_vs_ours",
         ],
     )
     write_json(

@@ -35,7 +35,8 @@ import torch.distributed.checkpoint as dcp
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 from torch import nn
-from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from moe_train.config import Config, ConfigError, check_zero_stage
 from moe_train.model.moe import MoE
@@ -230,22 +231,35 @@ class ZeroEngine:
         size, ep or ZeRO stage."""
         self._linked_optimizer_state()
         topo, rank = self.topology, dist.get_rank()
+        mine = {}  # name -> where this rank's fragment sits in the parameter's global flat tensor
+        params = dict(self.engine.module.named_parameters())
+        for name, param in params.items():
+            mapping = getattr(param, "_hp_mapping", None)  # None: other ranks own all of it
+            if mapping is not None:
+                base = topo.ep_rank * param.numel() if is_expert_param(name) else 0
+                at, device = mapping.lp_fragment_address, mapping.get_hp_fragment().device
+                mine[name] = ShardMetadata([base + at.start], [at.numel], f"rank:{rank}/{device}")
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)  # one exchange for all tensors, not one per tensor
         optim: dict = {key: {} for key in _ZERO_STATE}
-        for name, param in self.engine.module.named_parameters():
-            size = param.numel()
-            base, total = (topo.ep_rank * size, size * topo.ep) if is_expert_param(name) else (0, size)
-            mapping = getattr(param, "_hp_mapping", None)
+        for name, param in params.items():
+            total = param.numel() * (topo.ep if is_expert_param(name) else 1)
+            metadata = ShardedTensorMetadata(
+                [frags[name] for frags in everyone if name in frags],
+                torch.Size([total]),
+                TensorProperties(dtype=torch.float32),
+            )
             for key in _ZERO_STATE:
-                shards = []
-                if mapping is not None:  # None: another rank owns all of this parameter
-                    fragment = mapping.get_hp_fragment(None if key == "fp32" else key)
-                    at = mapping.lp_fragment_address
-                    placement = f"rank:{rank}/{fragment.device}"
-                    shards.append(Shard(fragment, ShardMetadata([base + at.start], [at.numel], placement)))
-                optim[key][name] = init_from_local_shards(shards, total)
+                local = []
+                if name in mine:  # detached: the same memory, which a load fills in place
+                    fragment = param._hp_mapping.get_hp_fragment(None if key == "fp32" else key).detach()
+                    local.append(Shard(fragment, mine[name]))
+                optim[key][name] = ShardedTensor._init_from_local_shards_and_global_metadata(local, metadata)
         step = next(iter(self.optimizer.optimizer.state.values()))["step"]
         optim["step"] = torch.tensor(float(step))
-        model = {k: v.float() for k, v in self.engine.module.state_dict().items()}  # fp32, as native
+        model = {  # fp32 like the native engine's, whatever precision DeepSpeed keeps the module in
+            k: v.float() if v.is_floating_point() else v for k, v in self.engine.module.state_dict().items()
+        }
         return {"model": model, "optim": optim, "progress": progress}
 
     def save(self, folder: Path, progress: dict) -> None:
