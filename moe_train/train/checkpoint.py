@@ -59,6 +59,11 @@ def load_config(checkpoint: str | Path) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(checkpoint / "config.yaml")))
 
 
+def dcp_save(state: dict, path: Path, topology: Topology) -> None:
+    """Save `state` with DCP, each rank its own shards, expert shards presented as DTensors."""
+    dcp.save(expert_shards_to_dtensors(state, topology), checkpoint_id=path, no_dist=not topology.distributed)
+
+
 def dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
     """Load `state` in place from a DCP checkpoint, presenting expert shards as DTensors; a load
     that does not fit this model becomes one line naming the first mismatch."""

@@ -31,7 +31,6 @@ import deepspeed
 import deepspeed.runtime.engine
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 from torch import nn
@@ -41,9 +40,8 @@ from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetada
 from moe_train.config import Config, ConfigError, check_zero_stage
 from moe_train.model.moe import MoE
 from moe_train.parallel.data_parallel import is_expert_param
-from moe_train.parallel.expert_parallel import expert_shards_to_dtensors
 from moe_train.parallel.topology import Topology
-from moe_train.train.checkpoint import dcp_load
+from moe_train.train.checkpoint import dcp_load, dcp_save
 from moe_train.train.engine import tensor_bytes
 from moe_train.train.optim import param_groups
 
@@ -263,8 +261,7 @@ class ZeroEngine:
         return {"model": model, "optim": optim, "progress": progress}
 
     def save(self, folder: Path, progress: dict) -> None:
-        state = expert_shards_to_dtensors(self._state(progress), self.topology)
-        dcp.save(state, checkpoint_id=folder, no_dist=not self.topology.distributed)
+        dcp_save(self._state(progress), folder, self.topology)
 
     def load(self, folder: Path, progress: dict) -> dict:
         """Restore weights, master weights and moments in place at any layout (world size, ep, ZeRO

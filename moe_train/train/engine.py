@@ -10,15 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from moe_train.config import Config
 from moe_train.parallel.data_parallel import GradientSync
-from moe_train.parallel.expert_parallel import expert_shards_to_dtensors
 from moe_train.parallel.topology import Topology
-from moe_train.train.checkpoint import dcp_load
+from moe_train.train.checkpoint import dcp_load, dcp_save
 from moe_train.train.optim import build_optimizer
 
 
@@ -65,8 +63,7 @@ class NativeEngine:
         }
 
     def save(self, folder: Path, progress: dict) -> None:
-        state = expert_shards_to_dtensors(self._state(progress), self.topology)
-        dcp.save(state, checkpoint_id=folder, no_dist=not self.topology.distributed)
+        dcp_save(self._state(progress), folder, self.topology)
 
     def load(self, folder: Path, progress: dict) -> dict:
         """Restore model and optimizer in place at any expert layout; returns the saved `progress`."""
