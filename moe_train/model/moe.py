@@ -1,8 +1,8 @@
 """The Mixture-of-Experts FFN: top-k router, load-balancing losses, token dispatch and grouped experts.
 
-Data path: router -> dispatcher.dispatch (sort tokens by expert) -> experts on contiguous slices,
-each row's hidden activation scaled by its router weight -> dispatcher.combine (unsort, sum over
-each token's k rows) -> + shared experts.
+Data path: router -> dispatcher.dispatch (sort tokens by expert) -> experts on contiguous slices
+-> dispatcher.combine (unsort, sum over each token's k rows weighted by the router) -> + shared
+experts.
 The dispatcher is a plain attribute that expert parallelism (moe_train/parallel) swaps for one that
 moves tokens across ranks; this file holds the single-device one.
 
@@ -74,7 +74,7 @@ class DispatchState:
     order: torch.Tensor  # (S,) flat assignment (token * k + slot) of each sorted row
     token: torch.Tensor  # (S,) token of each sorted row: order // k
     inverse: torch.Tensor | None  # (N * k,) sorted row of each assignment; None if any was dropped
-    row_weights: torch.Tensor  # (S,) combine weight of each sorted row
+    weights: torch.Tensor  # (N, k) router weights of each token's assignments (routing.weights)
     num_tokens: int  # N
     num_assignments: int  # N * k, before any capacity drop
 
@@ -82,40 +82,56 @@ class DispatchState:
     def num_dropped(self) -> int:
         return self.num_assignments - self.token.numel()
 
+    @property
+    def row_weights(self) -> torch.Tensor:
+        """(S,) router weight of each sorted row."""
+        return self.weights.flatten().index_select(0, self.order)
+
 
 # Without drops every token has exactly k sorted rows, so the two permutations are gathers that
 # are each other's adjoint: no scatter (index_put / index_add) in either direction. On 2 CPU cores
 # the scatters that x[token] and index_add would run in backward cost 2.5-10x more.
 class _GatherRows(torch.autograd.Function):
-    """x (N, D) -> x[token] (S = N * k, D); backward: _SumOverK."""
+    """x (N, D) -> x[token] (S = N * k, D); backward: each token's k row gradients summed."""
 
     @staticmethod
     def forward(ctx, x, token, inverse, top_k):
-        ctx.save_for_backward(token, inverse)
+        ctx.save_for_backward(inverse)
         ctx.top_k = top_k
         return x.index_select(0, token)
 
     @staticmethod
     def backward(ctx, grad_rows):
-        token, inverse = ctx.saved_tensors
-        return _SumOverK.apply(grad_rows, inverse, token, ctx.top_k), None, None, None
+        (inverse,) = ctx.saved_tensors
+        grad_x = F.embedding_bag(inverse.view(-1, ctx.top_k), grad_rows.contiguous(), mode="sum")
+        return grad_x.to(grad_rows.dtype), None, None, None
 
 
-class _SumOverK(torch.autograd.Function):
-    """rows (S = N * k, D) -> (N, D): each token's k rows summed; backward: _GatherRows."""
+class _WeightedSumOverK(torch.autograd.Function):
+    """rows (S = N * k, D), router weights (N, k) -> (N, D): each token's k rows, weighted, summed.
+
+    embedding_bag's sum with per-sample weights is the gather, the weighting and the sum in one
+    kernel, no (N, k, D) intermediate; on 2 CPU cores as fast as its unweighted sum, and 3-4x
+    faster than index_select then sum.
+    Backward: the gradient of row j is w_j * grad_out[token_j] (a gather), of w_j the dot product
+    of grad_out[token_j] with row j. Weighting here rather than on the experts' hidden activation
+    leaves the experts' elementwise work as a dense SwiGLU's and sends no weights across ranks.
+    """
 
     @staticmethod
-    def forward(ctx, rows, inverse, token, top_k):
-        ctx.save_for_backward(token, inverse)
-        ctx.top_k = top_k
-        # embedding_bag's sum mode is this gather-and-sum in one kernel: 3-4x faster on the CPU
-        # than index_select then sum, and no (N, k, D) intermediate
-        return F.embedding_bag(inverse.view(-1, top_k), rows, mode="sum").to(rows.dtype)
+    def forward(ctx, rows, weights, token, order, inverse):
+        ctx.save_for_backward(rows, weights, token, order, inverse)
+        return F.embedding_bag(inverse.view_as(weights), rows, mode="sum", per_sample_weights=weights)
 
     @staticmethod
     def backward(ctx, grad_out):
-        token, inverse = ctx.saved_tensors
-        return _GatherRows.apply(grad_out.contiguous(), token, inverse, ctx.top_k), None, None, None
+        rows, weights, token, order, inverse = ctx.saved_tensors
+        grad_rows = grad_out.to(rows.dtype).index_select(0, token)  # (S, D)
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.linalg.vecdot(grad_rows, rows).index_select(0, inverse).view_as(weights)
+        grad_rows.mul_(weights.flatten().index_select(0, order).unsqueeze(-1))
+        return grad_rows, grad_weights, None, None, None
 
 
 class LocalDispatcher:
@@ -161,7 +177,6 @@ class LocalDispatcher:
             order = order[key.argsort(stable=True)]
             tokens_per_expert = torch.bincount(key, minlength=chunks * self.num_experts).view(chunks, -1)
         token = order // self.top_k  # (S,)
-        row_weights = routing.weights.flatten().index_select(0, order)  # (S,)
         if order.numel() == num_assignments:
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(num_assignments, device=x.device)
@@ -169,33 +184,32 @@ class LocalDispatcher:
         else:
             inverse = None
             x_sorted = x.index_select(0, token)
-        state = DispatchState(order, token, inverse, row_weights, x.shape[0], num_assignments)
+        state = DispatchState(order, token, inverse, routing.weights, x.shape[0], num_assignments)
         return x_sorted, tokens_per_expert, state
 
-    def unpermute(self, y_sorted: torch.Tensor, state: DispatchState, weighted: bool = True) -> torch.Tensor:
-        """Inverse of permute: (S, D) expert outputs -> (N, D), the sum over each token's k rows,
-        weighted by the router unless the experts already scaled the rows (weighted=False)."""
-        if weighted:
-            y_sorted = y_sorted * state.row_weights.to(y_sorted.dtype).unsqueeze(-1)
+    def unpermute(self, y_sorted: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Inverse of permute: (S, D) expert outputs -> (N, D), each token's k rows weighted by the
+        router and summed."""
         if state.inverse is not None:
-            return _SumOverK.apply(y_sorted, state.inverse, state.token, self.top_k)
+            weights = state.weights.to(y_sorted.dtype)
+            out = _WeightedSumOverK.apply(y_sorted, weights, state.token, state.order, state.inverse)
+            return out.to(y_sorted.dtype)  # embedding_bag runs in fp32 under autocast
+        y_sorted = y_sorted * state.row_weights.to(y_sorted.dtype).unsqueeze(-1)
         out = y_sorted.new_zeros(state.num_tokens, y_sorted.shape[-1])  # dropped rows add nothing
         return out.index_add(0, state.token, y_sorted)
 
     def route(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> tuple[torch.Tensor, int]:
-        """dispatch -> experts -> combine: the routed output (N, D) and the number of dropped rows.
-        Each row's router weight is applied by the experts (on the hidden activation)."""
+        """dispatch -> experts -> combine: the routed output (N, D) and the number of dropped rows."""
         x_sorted, tokens_per_local_expert, state = self.dispatch(x, routing)
-        y_sorted = experts(x_sorted, tokens_per_local_expert, state.row_weights)
-        return self.combine(y_sorted, state, weighted=False), state.num_dropped
+        return self.combine(experts(x_sorted, tokens_per_local_expert), state), state.num_dropped
 
     def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        """Returns the rows for this rank's experts (grouped by expert), their counts and a state
-        whose `row_weights` are the router weights of those rows."""
+        """Returns the rows for this rank's experts (grouped by expert), their counts and the
+        state combine needs."""
         return self.permute(x, routing)
 
-    def combine(self, y: torch.Tensor, state: DispatchState, weighted: bool = True) -> torch.Tensor:
-        return self.unpermute(y, state, weighted)
+    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return self.unpermute(y, state)
 
 
 def grouped_mm_dtype(x: torch.Tensor, *dims: int) -> torch.dtype | None:
@@ -221,41 +235,34 @@ def grouped_mm_dtype(x: torch.Tensor, *dims: int) -> torch.dtype | None:
 
 
 class _SwiGLU(torch.autograd.Function):
-    """(S, 2F) gate | up, (S,) row weights -> (S, F) silu(gate) * up * row weight.
+    """(S, 2F) gate | up -> (S, F) silu(gate) * up.
 
     The backward writes the gate and up gradients straight into the two halves of one (S, 2F)
     gradient; autograd's own graph would make them separately and copy them together (chunk's
-    backward), and run the forward's elementwise work on the two strided halves. At DBRX's width
-    that is 17 ms of copy and 3.5 ms of strided work per layer call on 2 cores.
+    backward): at the Mixtral width on 2 cores 39 ms against 46 for forward and backward.
     """
 
     @staticmethod
-    def forward(ctx, gate_up, row_weights):
+    def forward(ctx, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
         s = F.silu(gate)  # (S, F)
-        h = s * up  # (S, F)
-        ctx.save_for_backward(gate_up, s, h, row_weights)
-        return h * row_weights.unsqueeze(-1)
+        ctx.save_for_backward(gate_up, s)
+        return s * up
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate_up, s, h, row_weights = ctx.saved_tensors
+        gate_up, s = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
-        grad_row_weights = torch.linalg.vecdot(grad_out, h) if ctx.needs_input_grad[1] else None
-        grad_h = grad_out * row_weights.unsqueeze(-1)
         grad_gate_up = torch.empty_like(gate_up)
         grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.mul(grad_h, s, out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad_h * up, gate, grad_input=grad_gate)
-        return grad_gate_up, grad_row_weights
+        torch.mul(grad_out, s, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_out * up, gate, grad_input=grad_gate)
+        return grad_gate_up
 
 
-def swiglu(gate_up: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, 2F) gate | up -> (n, F) silu(gate) * up, each row scaled by its router weight if given."""
-    if row_weights is None:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return _SwiGLU.apply(gate_up, row_weights.to(gate_up.dtype))
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """(n, 2F) gate | up -> (n, F) silu(gate) * up."""
+    return _SwiGLU.apply(gate_up)
 
 
 class GroupedExperts(nn.Module):
@@ -265,7 +272,8 @@ class GroupedExperts(nn.Module):
     linear_fc1 and transformers' gate_up_proj): one product per expert instead of two, and one for
     the input gradient in backward. On 2 CPU cores that is 2-4 % of the whole layer at the
     fine-grained shapes (64 experts of 384 rows) and level at the wide ones, where it needs
-    swiglu's own backward (without it, 6 % slower at DBRX's width).
+    swiglu's own backward (without it, 6 % slower at DBRX's width). The router weights are applied
+    by the combine, not here.
 
     forward takes tokens already grouped by expert and how many each expert has, and runs each
     weight as one grouped product (torch._grouped_mm: on CPUs, and on Hopper GPUs in bf16); where
@@ -287,36 +295,24 @@ class GroupedExperts(nn.Module):
             bound = w.shape[1] ** -0.5
             nn.init.uniform_(w, -bound, bound)
 
-    def forward(
-        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, row_weights: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x (S, D) grouped by expert, tokens_per_expert (El,) -> (S, D). With row_weights (S,),
-        each row's hidden activation is scaled before the down projection: the router weight
-        applied on (S, F) instead of on the (S, D) output, with F < D at fine-grained shapes."""
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x (S, D) grouped by expert, tokens_per_expert (El,) -> (S, D)."""
         dtype = grouped_mm_dtype(x, *self.w2.shape[1:])
         if dtype is None:
-            return self._forward_loop(x, tokens_per_expert, row_weights)
-        return self._forward_grouped(x.to(dtype), tokens_per_expert, row_weights)
+            return self._forward_loop(x, tokens_per_expert)
+        return self._forward_grouped(x.to(dtype), tokens_per_expert)
 
-    def _forward_loop(
-        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, row_weights: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         # unbind, not w[e]: the backward of one unbind stacks all expert gradients at once, while
         # E separate w[e] selects would each materialise and add a full (E, ...) gradient.
-        counts = tokens_per_expert.tolist()
-        outputs = []
-        chunks = torch.split(x, counts)
-        scales = [None] * len(counts) if row_weights is None else torch.split(row_weights, counts)
-        for x_e, r_e, w13, w2 in zip(chunks, scales, self.w13.unbind(0), self.w2.unbind(0)):
-            outputs.append(swiglu(x_e @ w13, r_e) @ w2)  # (n_e, D)
-        return torch.cat(outputs)
+        chunks = torch.split(x, tokens_per_expert.tolist())
+        weights = zip(self.w13.unbind(0), self.w2.unbind(0))
+        return torch.cat([swiglu(x_e @ w13) @ w2 for x_e, (w13, w2) in zip(chunks, weights)])
 
-    def _forward_grouped(
-        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, row_weights: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (El,) end row of each expert
         w13, w2 = (w.to(x.dtype) for w in (self.w13, self.w2))
-        h = swiglu(torch._grouped_mm(x, w13, offs=offsets), row_weights)  # (S, F)
+        h = swiglu(torch._grouped_mm(x, w13, offs=offsets))  # (S, F)
         return torch._grouped_mm(h, w2, offs=offsets)
 
 

@@ -6,9 +6,8 @@ expert-parallel group keeps experts [i * E/ep, (i + 1) * E/ep). Its dispatcher t
 2. exchanges per-expert token counts (all_to_all_single, equal splits),
 3. sends each token to its expert's rank (all_to_all_single, uneven splits),
 4. regroups what it received by local expert, so every local expert has one contiguous slice,
-and `combine` undoes 4, 3 and 1 in reverse order. Backward runs the same exchanges reversed.
-The router weights of the rows travel with them (one more all-to-all of one float per row), so
-the experts scale their hidden activations as on one device, as in LocalDispatcher.route.
+and `combine` undoes 4, 3 and 1 in reverse order, the router weights applied on the tokens' own
+rank (LocalDispatcher.unpermute). Backward runs the same exchanges reversed.
 
 With `parallel.ep_overlap_chunks` = C > 1 the tokens are cut into C chunks and the dispatcher runs
 the experts itself, between the exchanges (`_OverlappedExperts`): every chunk's rows are posted at
@@ -79,7 +78,6 @@ class ExpertParallelState:
     local: DispatchState  # undoes the sort by global expert
     regroup: torch.Tensor  # (R,) received row of each row in local-expert order
     ungroup: torch.Tensor  # (R,) the inverse permutation: row in local-expert order of each received row
-    row_weights: torch.Tensor  # (R,) router weight of each row handed to the local experts
     send_splits: list[int]  # rows sent to each rank of the group
     recv_splits: list[int]  # rows received from each rank of the group
 
@@ -128,8 +126,8 @@ class _Chunk:
 class _OverlappedExperts(torch.autograd.Function):
     """The experts between the two exchanges, chunk by chunk, with the exchanges in flight.
 
-    rows (S, D) and their router weights (S, 1), grouped by (chunk, destination rank) -> the
-    experts' outputs (S, D) in the same order. All chunks' rows are posted first; then for each
+    rows (S, D), grouped by (chunk, destination rank) -> the experts' outputs (S, D) in the same
+    order. All chunks' rows are posted first; then for each
     chunk: wait for its rows, regroup by local expert, run the experts, post the outputs back.
     Each chunk's experts run as their own small autograd graph on detached inputs, which backward
     differentiates with torch.autograd.grad; the input gradients travel back overlapped, and the
@@ -138,25 +136,23 @@ class _OverlappedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weights, chunks: list[_Chunk], experts: nn.Module, group, *params):
+    def forward(ctx, rows, chunks: list[_Chunk], experts: nn.Module, group, *params):
         sizes = [sum(c.send_splits) for c in chunks]
         posted = [
-            (_post_rows(r, c.recv_splits, c.send_splits, group, "tokens, overlapped"),
-             _post_rows(w, c.recv_splits, c.send_splits, group, "router weights, overlapped"))
-            for c, r, w in zip(chunks, rows.split(sizes), weights.split(sizes))
-        ]  # fmt: skip
+            _post_rows(r, c.recv_splits, c.send_splits, group, "tokens, overlapped")
+            for c, r in zip(chunks, rows.split(sizes))
+        ]
         out = torch.empty_like(rows)
         returning, graphs = [], []
-        for c, (rows_in, weights_in), out_c in zip(chunks, posted, out.split(sizes)):
+        for c, rows_in, out_c in zip(chunks, posted, out.split(sizes)):
             with torch.enable_grad():
                 x = rows_in.wait().index_select(0, c.regroup).requires_grad_()  # (R, D)
-                w = weights_in.wait().squeeze(-1).index_select(0, c.regroup).requires_grad_()  # (R,)
-                y = experts(x, c.tokens_per_local_expert, w)
+                y = experts(x, c.tokens_per_local_expert)
             back = y.detach().index_select(0, c.ungroup)
             returning.append(
                 _Posted(out_c, back, c.send_splits, c.recv_splits, group, "expert outputs, overlapped")
             )
-            graphs.append((x, w, y))
+            graphs.append((x, y))
         for p in returning:
             p.wait()
         ctx.chunks, ctx.graphs, ctx.group, ctx.params = chunks, graphs, group, params
@@ -171,30 +167,23 @@ class _OverlappedExperts(torch.autograd.Function):
             for c, g in zip(chunks, grad_out.split(sizes))
         ]
         grad_rows = torch.empty_like(grad_out)
-        grad_weights = grad_out.new_empty((grad_out.shape[0], 1), dtype=ctx.graphs[0][1].dtype)
         grad_params = [torch.zeros_like(p) for p in ctx.params]
         returning = []
-        for c, grad_in, (x, w, y), gr_c, gw_c in zip(
-            chunks, posted, ctx.graphs, grad_rows.split(sizes), grad_weights.split(sizes)
-        ):
+        for c, grad_in, (x, y), gr_c in zip(chunks, posted, ctx.graphs, grad_rows.split(sizes)):
             grad_y = grad_in.wait().index_select(0, c.regroup)
-            gx, gw, *gp = torch.autograd.grad(y, (x, w, *ctx.params), grad_y, allow_unused=True)
+            gx, *gp = torch.autograd.grad(y, (x, *ctx.params), grad_y, allow_unused=True)
             gx = gx if gx is not None else torch.zeros_like(x)
-            gw = gw if gw is not None else torch.zeros_like(w)
             for total, g in zip(grad_params, gp):
                 if g is not None:
                     total += g
-            for g, out_c, what in (
-                (gx, gr_c, "tokens backward, overlapped"),
-                (gw.unsqueeze(-1), gw_c, "router weights backward, overlapped"),
-            ):
-                returning.append(
-                    _Posted(out_c, g.index_select(0, c.ungroup), c.send_splits, c.recv_splits, group, what)
-                )
+            back = gx.index_select(0, c.ungroup)
+            returning.append(
+                _Posted(gr_c, back, c.send_splits, c.recv_splits, group, "tokens backward, overlapped")
+            )
         for p in returning:
             p.wait()
         del ctx.graphs
-        return grad_rows, grad_weights, None, None, None, *grad_params
+        return grad_rows, None, None, None, *grad_params
 
 
 class AllToAllDispatcher(LocalDispatcher):
@@ -229,10 +218,9 @@ class AllToAllDispatcher(LocalDispatcher):
             )
             for c in range(C)
         ]
-        weights = state.row_weights.unsqueeze(-1)  # (S, 1)
         params = [p for p in experts.parameters() if p.requires_grad]
-        y_sorted = _OverlappedExperts.apply(x_sorted, weights, chunks, experts, self.group, *params)
-        return self.unpermute(y_sorted, state, weighted=False), state.num_dropped
+        y_sorted = _OverlappedExperts.apply(x_sorted, chunks, experts, self.group, *params)
+        return self.unpermute(y_sorted, state), state.num_dropped
 
     def dispatch(
         self, x: torch.Tensor, routing: Routing
@@ -245,18 +233,14 @@ class AllToAllDispatcher(LocalDispatcher):
         send_splits = tokens_per_expert.view(ep, El).sum(dim=1).tolist()
         recv_splits = recv_counts.sum(dim=1).tolist()
         x_recv = _AllToAll.apply(x_sorted, recv_splits, send_splits, self.group, "tokens")  # (R, D)
-        # the router weights travel with their rows, so the experts can apply them (see route)
-        weights = local_state.row_weights.unsqueeze(-1)  # (S, 1)
-        w_recv = _AllToAll.apply(weights, recv_splits, send_splits, self.group, "router weights")  # (R, 1)
         regroup, ungroup = _regroup_order(recv_counts)
-        row_weights = _PermuteRows.apply(w_recv, regroup, ungroup).squeeze(-1)  # (R,)
-        state = ExpertParallelState(local_state, regroup, ungroup, row_weights, send_splits, recv_splits)
+        state = ExpertParallelState(local_state, regroup, ungroup, send_splits, recv_splits)
         return _PermuteRows.apply(x_recv, regroup, ungroup), recv_counts.sum(dim=0), state
 
-    def combine(self, y: torch.Tensor, state: ExpertParallelState, weighted: bool = True) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, state: ExpertParallelState) -> torch.Tensor:
         y_recv = _PermuteRows.apply(y, state.ungroup, state.regroup)  # back to (source, expert) order
         y_sorted = _AllToAll.apply(y_recv, state.send_splits, state.recv_splits, self.group, "expert outputs")
-        return self.unpermute(y_sorted, state.local, weighted)
+        return self.unpermute(y_sorted, state.local)
 
 
 def apply_expert_parallel(model: nn.Module, topology: Topology, overlap_chunks: int = 1) -> None:

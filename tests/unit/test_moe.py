@@ -209,27 +209,23 @@ def test_swiglu_backward_against_numerical_gradients(rows):
     into one buffer) against finite differences, in float64; the output against the formula."""
     torch.manual_seed(0)
     gate_up = torch.randn(rows, 10, dtype=torch.float64, requires_grad=True)
-    row_weights = torch.rand(rows, dtype=torch.float64, requires_grad=True)
     gate, up = gate_up[:, :5], gate_up[:, 5:]
-    expected = gate * torch.sigmoid(gate) * up * row_weights[:, None]
-    torch.testing.assert_close(swiglu(gate_up, row_weights), expected)
-    assert torch.autograd.gradcheck(swiglu, (gate_up, row_weights))
+    torch.testing.assert_close(swiglu(gate_up), gate * torch.sigmoid(gate) * up)
+    assert torch.autograd.gradcheck(swiglu, (gate_up,))
 
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL_COUNTS))
-@pytest.mark.parametrize("weighted", [True, False])
-def test_grouped_experts_match_loop_reference(name, weighted):
+def test_grouped_experts_match_loop_reference(name):
     """The grouped products (torch._grouped_mm, fp32 on the CPU) against the autograd loop: outputs
-    and the gradients of x, the row weights and every expert weight (zero for experts with no rows)."""
+    and the gradients of x and every expert weight (zero for experts with no rows)."""
     torch.manual_seed(0)
     experts = GroupedExperts(8, 16, 24)
     assert grouped_mm_dtype(torch.zeros(1), 16, 24) == torch.float32  # the grouped path runs
     counts = torch.tensor(ADVERSARIAL_COUNTS[name])
     x = torch.randn(int(counts.sum()), 16, requires_grad=True)
-    row_weights = torch.rand(x.shape[0], requires_grad=True) if weighted else None
-    inputs = [x, *experts.parameters()] + ([row_weights] if weighted else [])
-    out = experts(x, counts, row_weights)
-    ref = experts._forward_loop(x, counts, row_weights)
+    inputs = [x, *experts.parameters()]
+    out = experts(x, counts)
+    ref = experts._forward_loop(x, counts)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)
@@ -281,16 +277,6 @@ def test_permutation_gradients_match_indexing_reference(name, experts, capacity_
     grads_ref = torch.autograd.grad(ref, [x, routing.weights], grad_out)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
-
-
-def test_unweighted_combine_with_weights_applied_by_the_experts_matches_weighted():
-    moe = make_moe(8, 2)
-    x = torch.randn(30, 16)
-    routing = moe.router(x)
-    x_sorted, counts, state = moe.dispatcher.dispatch(x, routing)
-    weighted = moe.dispatcher.combine(moe.experts(x_sorted, counts), state)
-    folded = moe.dispatcher.combine(moe.experts(x_sorted, counts, state.row_weights), state, weighted=False)
-    torch.testing.assert_close(folded, weighted, rtol=1e-5, atol=1e-6)
 
 
 def test_load_balancing_loss_hand_computed():
