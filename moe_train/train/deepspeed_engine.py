@@ -13,10 +13,11 @@ pinned) recognises an MoE model only by the class of its MoE layers (its own
 `deepspeed.moe.layer.MoE`), so `_MoEAwareEngine` tells it.
 
 Checkpoints are DCP folders like the native engine's: the model's weights in the same keys (so
-every tool and trainer.init_from read them alike), plus ZeRO's fp32 master weights and Adam moments
-per parameter, written by each rank as the fragments its partition holds (DeepSpeed's own map from
-a parameter to its slice of the partition, the one its universal checkpoints use) and read back
-into whatever fragments another layout gives each rank.
+every tool and trainer.init_from read them alike), plus Adam's moments per parameter and, in bf16
+runs, ZeRO's fp32 master weights (in fp32 runs they equal the weights, which restore them), written
+by each rank as the fragments its partition holds (DeepSpeed's own map from a parameter to its
+slice of the partition, the one its universal checkpoints use) and read back into whatever
+fragments another layout gives each rank.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import deepspeed
 import deepspeed.runtime.engine
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 from torch import nn
@@ -220,13 +222,13 @@ class ZeroEngine:
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
 
-    def _state(self, progress: dict) -> dict:
-        """What a checkpoint holds: the model's weights as the native engine writes them, and ZeRO's
-        fp32 master weights and Adam moments of each parameter as the flat fp32 tensor they
-        partition, each rank holding the fragments it owns (lp_fragment_address: the slice of the
-        flattened parameter; experts offset by the ep rank's place in the stacked tensor). DCP
-        stores every fragment once and reads them back into any other partitioning: another world
-        size, ep or ZeRO stage."""
+    def _state(self, progress: dict, master: bool) -> dict:
+        """What a checkpoint holds: the model's weights as the native engine writes them, and Adam's
+        moments (and with `master`, ZeRO's fp32 master weights) of each parameter as the flat fp32
+        tensor they partition, each rank holding the fragments it owns (lp_fragment_address: the
+        slice of the flattened parameter; experts offset by the ep rank's place in the stacked
+        tensor). DCP stores every fragment once and reads them back into any other partitioning:
+        another world size, ep or ZeRO stage."""
         self._linked_optimizer_state()
         topo, rank = self.topology, dist.get_rank()
         mine = {}  # name -> where this rank's fragment sits in the parameter's global flat tensor
@@ -239,7 +241,8 @@ class ZeroEngine:
                 mine[name] = ShardMetadata([base + at.start], [at.numel], f"rank:{rank}/{device}")
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)  # one exchange for all tensors, not one per tensor
-        optim: dict = {key: {} for key in _ZERO_STATE}
+        keys = ("fp32", *_MOMENTS) if master else _MOMENTS
+        optim: dict = {key: {} for key in keys}
         for name, param in params.items():
             total = param.numel() * (topo.ep if is_expert_param(name) else 1)
             metadata = ShardedTensorMetadata(
@@ -247,7 +250,7 @@ class ZeroEngine:
                 torch.Size([total]),
                 TensorProperties(dtype=torch.float32),
             )
-            for key in _ZERO_STATE:
+            for key in keys:
                 local = []
                 if name in mine:  # detached: the same memory, which a load fills in place
                     fragment = param._hp_mapping.get_hp_fragment(None if key == "fp32" else key).detach()
@@ -261,13 +264,26 @@ class ZeroEngine:
         return {"model": model, "optim": optim, "progress": progress}
 
     def save(self, folder: Path, progress: dict) -> None:
-        dcp_save(self._state(progress), folder, self.topology)
+        # the master weights only where they are not the weights: a quarter of an fp32 run's checkpoint
+        master = next(self.engine.module.parameters()).dtype != torch.float32
+        dcp_save(self._state(progress, master), folder, self.topology)
 
     def load(self, folder: Path, progress: dict) -> dict:
         """Restore weights, master weights and moments in place at any layout (world size, ep, ZeRO
-        stage, offload); returns the saved `progress`."""
-        state = dcp_load(self._state(progress), folder, self.topology)
+        stage, offload); returns the saved `progress`. A checkpoint without master weights (an fp32
+        run's) restores them from its fp32 weights."""
+        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        master = any(k.startswith("optim.fp32.") for k in saved)  # a bf16 run's checkpoint
+        state = dcp_load(self._state(progress, master), folder, self.topology)
         self.engine.module.load_state_dict(state["model"])
+        if not master:
+            for name, param in self.engine.module.named_parameters():
+                mapping = getattr(param, "_hp_mapping", None)  # this rank's fragment of it, if any
+                if mapping is not None:
+                    at = mapping.lp_fragment_address
+                    weights = state["model"][name].reshape(-1).narrow(0, at.start, at.numel)
+                    with torch.no_grad():  # the fragment is a view of ZeRO's partition, a leaf
+                        mapping.get_hp_fragment().copy_(weights)
         step = state["optim"]["step"].item()
         inner = self.optimizer.optimizer
         for group in inner.param_groups:
@@ -276,7 +292,7 @@ class ZeroEngine:
         return state["progress"]
 
 
-_ZERO_STATE = ("fp32", "exp_avg", "exp_avg_sq")  # per parameter, in the checkpoint's "optim"
+_MOMENTS = ("exp_avg", "exp_avg_sq")  # per parameter in the checkpoint's "optim", with "fp32" in bf16 runs
 
 
 def _is_cpu_adam(optimizer: torch.optim.Optimizer) -> bool:

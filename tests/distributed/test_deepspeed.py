@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from moe_train.train.checkpoint import load_model
 from tests.distributed.test_expert_parallel import train_run
@@ -22,6 +23,12 @@ def native(tmp_path_factory):
     """Native engine on 2 ranks at ep=1 and ep=2: the reference runs."""
     tmp = tmp_path_factory.mktemp("native")
     return {ep: train_run(tmp, f"native-ep{ep}", 2, ep, *RUN) for ep in (1, 2)}
+
+
+def optim_entries(checkpoint) -> set[str]:
+    """The kinds of optimizer state a checkpoint holds: 'fp32', 'exp_avg', 'exp_avg_sq', 'step'."""
+    keys = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    return {k.split(".")[1] for k in keys if k.startswith("optim.")}
 
 
 def assert_matches(metrics, params, ref_metrics, ref_params, rtol):
@@ -74,7 +81,8 @@ def test_resume_at_the_same_and_at_other_layouts(tmp_path, native):
         tmp_path, "first", 2, 2, *args, "engine.zero_stage=2", "trainer.exit_after_steps=3", out_dir=saved
     )
     assert [m["step"] for m in first] == [1, 2, 3]
-    assert (saved / "checkpoints" / "step_00000003" / ".metadata").is_file()
+    # an fp32 run's master weights are its weights: not stored twice, restored from the weights
+    assert optim_entries(saved / "checkpoints" / "step_00000003") == {"exp_avg", "exp_avg_sq", "step"}
     (saved / "metrics.jsonl").rename(tmp_path / "first.jsonl")
     ref_metrics, ref_params = native[2]
     layouts = {
@@ -108,3 +116,17 @@ def test_resume_under_the_other_engine_is_refused(tmp_path):
     with pytest.raises(Exception, match="written by engine=deepspeed and this run uses engine=native"):
         train_run(tmp_path, "native", 2, 1, "trainer.max_steps=4", "trainer.resume=auto", out_dir=run)
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_bf16_resume_restores_the_master_weights(tmp_path):
+    """In bf16 DeepSpeed keeps the weights in bf16 and the fp32 master copy apart; the checkpoint
+    holds the master, and a run stopped at step 3 resumes to step 5 exactly as it would have run."""
+    args = (*RUN, "engine=deepspeed", "engine.zero_stage=2", "trainer.precision=bf16", "trainer.ckpt_every=3")
+    ref_metrics, ref_params = train_run(tmp_path, "whole", 2, 2, *args)
+    saved = tmp_path / "saved"
+    first, _ = train_run(tmp_path, "first", 2, 2, *args, "trainer.exit_after_steps=3", out_dir=saved)
+    assert optim_entries(saved / "checkpoints" / "step_00000003") == {"fp32", "exp_avg", "exp_avg_sq", "step"}
+    (saved / "metrics.jsonl").rename(tmp_path / "first.jsonl")
+    resumed, params = train_run(tmp_path, "resumed", 2, 2, *args, out_dir=saved)
+    assert [m["step"] for m in resumed] == [4, 5]
+    assert_matches(first + resumed, params, ref_metrics, ref_params, rtol=1e-6)
