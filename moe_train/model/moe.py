@@ -104,7 +104,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad_rows):
         (inverse,) = ctx.saved_tensors
         grad_x = F.embedding_bag(inverse.view(-1, ctx.top_k), grad_rows.contiguous(), mode="sum")
-        return grad_x.to(grad_rows.dtype), None, None, None
+        return grad_x, None, None, None
 
 
 class _WeightedSumOverK(torch.autograd.Function):
@@ -126,7 +126,7 @@ class _WeightedSumOverK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, weights, token, order, inverse = ctx.saved_tensors
-        grad_rows = grad_out.to(rows.dtype).index_select(0, token)  # (S, D)
+        grad_rows = grad_out.index_select(0, token)  # (S, D)
         grad_weights = None
         if ctx.needs_input_grad[1]:
             grad_weights = torch.linalg.vecdot(grad_rows, rows).index_select(0, inverse).view_as(weights)
@@ -191,9 +191,8 @@ class LocalDispatcher:
         """Inverse of permute: (S, D) expert outputs -> (N, D), each token's k rows weighted by the
         router and summed."""
         if state.inverse is not None:
-            weights = state.weights.to(y_sorted.dtype)
-            out = _WeightedSumOverK.apply(y_sorted, weights, state.token, state.order, state.inverse)
-            return out.to(y_sorted.dtype)  # embedding_bag runs in fp32 under autocast
+            weights = state.weights.to(y_sorted.dtype)  # fp32 from the router; one dtype for embedding_bag
+            return _WeightedSumOverK.apply(y_sorted, weights, state.token, state.order, state.inverse)
         y_sorted = y_sorted * state.row_weights.to(y_sorted.dtype).unsqueeze(-1)
         out = y_sorted.new_zeros(state.num_tokens, y_sorted.shape[-1])  # dropped rows add nothing
         return out.index_add(0, state.token, y_sorted)

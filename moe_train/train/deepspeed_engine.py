@@ -277,19 +277,22 @@ class ZeroEngine:
         state = dcp_load(self._state(progress, master), folder, self.topology)
         self.engine.module.load_state_dict(state["model"])
         if not master:
-            for name, param in self.engine.module.named_parameters():
-                mapping = getattr(param, "_hp_mapping", None)  # this rank's fragment of it, if any
-                if mapping is not None:
-                    at = mapping.lp_fragment_address
-                    weights = state["model"][name].reshape(-1).narrow(0, at.start, at.numel)
-                    with torch.no_grad():  # the fragment is a view of ZeRO's partition, a leaf
-                        mapping.get_hp_fragment().copy_(weights)
+            self._master_from(state["model"])
         step = state["optim"]["step"].item()
         inner = self.optimizer.optimizer
         for group in inner.param_groups:
             inner.state[group["params"][0]]["step"] = int(step) if _is_cpu_adam(inner) else torch.tensor(step)
         self.engine.global_steps = int(state["progress"]["step"])
         return state["progress"]
+
+    @torch.no_grad()  # each fragment is a view of ZeRO's fp32 partition, a leaf
+    def _master_from(self, weights: dict) -> None:
+        """Fill this rank's fragments of the fp32 master weights from fp32 `weights` (state-dict keys)."""
+        for name, param in self.engine.module.named_parameters():
+            mapping = getattr(param, "_hp_mapping", None)  # None: other ranks own all of it
+            if mapping is not None:
+                at = mapping.lp_fragment_address
+                mapping.get_hp_fragment().copy_(weights[name].reshape(-1).narrow(0, at.start, at.numel))
 
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")  # per parameter in the checkpoint's "optim", with "fp32" in bf16 runs
