@@ -237,8 +237,9 @@ class TrainerConfig:
     """Optimizer steps of the whole run; the LR schedule follows it."""
     global_batch_size: int = 8
     """Sequences per optimizer step over all ranks."""
-    micro_batch_size: int = 8
-    """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward on one rank; the rest of the rank's share is gradient
+    accumulation. null: the rank's whole share (global_batch_size / ranks), no accumulation."""
     seed: int = 1234
     """Seeds the initialisation, the data order and the sampling."""
     out_dir: str = "runs/default"
@@ -282,13 +283,13 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "eval_batches", "log_every"):
             value = getattr(self, key)
-            _check(value > 0, f"trainer.{key}={value} must be > 0")
+            _check(value is None or value > 0, f"trainer.{key}={value} must be > 0")
         for key in ("eval_every", "ckpt_every", "num_samples", "sample_tokens"):
             value = getattr(self, key)
             _check(value >= 0, f"trainer.{key}={value} must be >= 0")
         _check(self.keep_last >= 1, f"trainer.keep_last={self.keep_last} must be >= 1")
         _check(
-            self.global_batch_size % self.micro_batch_size == 0,
+            self.micro_batch_size is None or self.global_batch_size % self.micro_batch_size == 0,
             f"trainer.global_batch_size={self.global_batch_size} must be divisible by "
             f"trainer.micro_batch_size={self.micro_batch_size}",
         )

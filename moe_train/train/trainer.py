@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moe_train.config import Config, ConfigError
+from moe_train.config import Config, ConfigError, TrainerConfig
 from moe_train.data import build_datasets
 from moe_train.model import Transformer, lm_loss, model_size
 from moe_train.parallel.expert_parallel import apply_expert_parallel
@@ -28,16 +28,36 @@ from moe_train.train.optim import lr_at
 log = logging.getLogger(__name__)
 
 
+def batch_layout(t: TrainerConfig, ranks: int) -> TrainerConfig:
+    """t with its micro-batch size resolved (null: each rank's whole share) and the layout checked:
+    global_batch_size must split into micro-batches over the data-parallel ranks (all of them:
+    expert-parallel ranks read different data too)."""
+    if t.micro_batch_size is None:
+        if t.global_batch_size % ranks:
+            raise ConfigError(
+                f"trainer.global_batch_size={t.global_batch_size} must be divisible by the {ranks} "
+                "data-parallel ranks"
+            )
+        return dataclasses.replace(t, micro_batch_size=t.global_batch_size // ranks)
+    if t.global_batch_size % (t.micro_batch_size * ranks):
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
+            f"trainer.micro_batch_size={t.micro_batch_size} x {ranks} data-parallel ranks"
+        )
+    return t
+
+
 class Trainer:
     def __init__(self, config: Config, topology: Topology):
         if config.trainer.init_from:  # the architecture comes with the weights
             init_from = str(resolve_checkpoint(config.trainer.init_from))  # a run directory's newest
             trainer = dataclasses.replace(config.trainer, init_from=init_from)
             config = dataclasses.replace(config, trainer=trainer, model=load_config(init_from).model)
+        config = dataclasses.replace(config, trainer=batch_layout(config.trainer, topology.world_size))
         self.config = config
         self.topology = topology
         t = config.trainer
-        self.micro_batches_per_step = self._check_batch_layout()
+        self.micro_batches_per_step = t.global_batch_size // (t.micro_batch_size * topology.world_size)
         self.device = topology.device
         precision = (
             t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
@@ -75,15 +95,6 @@ class Trainer:
         self.progress = Progress()
         self.peak_flops = peak_flops(self.device)
         self.callbacks = []
-
-    def _check_batch_layout(self) -> int:
-        t, world = self.config.trainer, self.topology.world_size
-        if t.global_batch_size % (t.micro_batch_size * world):
-            raise ConfigError(
-                f"trainer.global_batch_size={t.global_batch_size} must be divisible by "
-                f"trainer.micro_batch_size={t.micro_batch_size} x {world} data-parallel ranks"
-            )
-        return t.global_batch_size // (t.micro_batch_size * world)
 
     def autocast(self):
         if self.autocast_dtype is None:

@@ -155,8 +155,15 @@ def torchrun(*args):
 
 
 def test_torchrun_two_processes_expert_parallel(tmp_path, tiny_overrides):
-    """The real launcher: torchrun's environment, gloo, rank 0 alone writes metrics and logs."""
-    result = torchrun(*tiny_overrides, "parallel.ep=2", "trainer.max_steps=3", "trainer.eval_every=3")
+    """The real launcher: torchrun's environment, gloo, rank 0 alone writes metrics and logs. The
+    micro-batch size left at its default (null): each rank takes its half of the global batch."""
+    result = torchrun(
+        *tiny_overrides,
+        "trainer.micro_batch_size=null",
+        "parallel.ep=2",
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2, 3]

@@ -105,3 +105,26 @@ def test_every_preset_composes():
     for preset in sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")):
         assert compose_config([f"model={preset}"]).model.name == preset
     assert compose_config(["+experiment=ci"]).trainer.max_steps == 30
+
+
+@pytest.mark.parametrize(
+    "global_batch,micro,ranks,expected",
+    [
+        (8, None, 1, 8),  # the default: each rank's whole share, no accumulation
+        (8, None, 2, 4),
+        (8, None, 8, 1),
+        (8, 2, 2, 2),  # given: kept (two micro-batches of 2 per rank)
+        (8, None, 3, "trainer.global_batch_size=8 must be divisible by the 3 data-parallel ranks"),
+        (8, 4, 4, "trainer.global_batch_size=8 must be divisible by trainer.micro_batch_size=4 x 4"),
+    ],
+)
+def test_batch_layout(global_batch, micro, ranks, expected):
+    from moe_train.train.trainer import batch_layout
+
+    t = TrainerConfig(global_batch_size=global_batch, micro_batch_size=micro)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            batch_layout(t, ranks)
+        return
+    assert batch_layout(t, ranks).micro_batch_size == expected
+    assert compose_config(["trainer.global_batch_size=8"]).trainer.micro_batch_size is None
