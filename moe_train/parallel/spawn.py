@@ -16,7 +16,8 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -66,7 +67,7 @@ def run_ranks(
     Each process gets `threads` intra-op threads (default: the cores shared out, at least 1)."""
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(
             target=_entry, args=(rank, world_size, port, str(result_dir), fn, args, threads), daemon=False

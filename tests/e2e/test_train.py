@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from moe_train.config import ConfigError
+from moe_train.parallel.spawn import free_port
 from moe_train.tools.hydra_config import compose_config
 from moe_train.train.metrics import read_metrics
 from moe_train.train.trainer import run
@@ -145,9 +145,7 @@ def test_cli_bad_input_one_line_exit_2(args, message, tmp_path):
 
 
 def torchrun(*args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     return subprocess.run(
         [*command, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300

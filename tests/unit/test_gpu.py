@@ -1,12 +1,12 @@
 """GPU paths: grouped GEMM against the loop, bf16 training, NCCL all-to-all. Skipped without a GPU."""
 
 import os
-import socket
 
 import pytest
 import torch
 
 from moe_train.model.moe import GroupedExperts, MoE, grouped_mm_dtype
+from moe_train.parallel.spawn import free_port
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,9 +75,7 @@ def test_nccl_all_to_all_dispatcher_on_one_rank_matches_local():
 
     from moe_train.parallel.expert_parallel import AllToAllDispatcher
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     try:
