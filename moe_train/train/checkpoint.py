@@ -130,6 +130,8 @@ def _reason(error: BaseException) -> str:
     """The first line of the underlying error (DCP wraps each rank's failure)."""
     if isinstance(error, CheckpointException) and error.failures:
         error = next(iter(error.failures.values()))[0]
+    if isinstance(error, EOFError):
+        return "one of its files ends too early (cut short or damaged)"
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 

@@ -62,7 +62,7 @@ def test_resume_none_refuses_to_overwrite_and_finished_run_does_nothing(tmp_path
         train([*overrides, f"trainer.resume={tmp_path / 'missing'}"])
 
 
-def test_resume_from_checkpoint_of_another_model_fails_clearly(tmp_path, tiny_overrides):
+def test_resume_from_checkpoint_of_another_model_or_a_damaged_one_fails_clearly(tmp_path, tiny_overrides):
     train([*tiny_overrides, "trainer.max_steps=1"])
     ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
     with pytest.raises(ConfigError, match="cannot load checkpoint"):
@@ -75,6 +75,11 @@ def test_resume_from_checkpoint_of_another_model_fails_clearly(tmp_path, tiny_ov
                 "trainer.max_steps=2",
             ]
         )
+    shard = next(ckpt.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="cannot load checkpoint .*: one of its files ends too early"):
+        train([*tiny_overrides, "trainer.max_steps=2"])
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [ckpt.name]  # nothing written
 
 
 def test_metrics_have_the_documented_keys(tmp_path, tiny_overrides):
