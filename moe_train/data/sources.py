@@ -62,10 +62,15 @@ class DocumentReader:
 
     def __iter__(self) -> Iterator[str]:
         for path in self.files:
-            for text in self._read(path):
-                self.stats.documents += 1
-                self.stats.bytes += len(text.encode("utf-8"))
-                yield text
+            try:
+                for text in self._read(path):
+                    self.stats.documents += 1
+                    self.stats.bytes += len(text.encode("utf-8"))
+                    yield text
+            except ConfigError:
+                raise
+            except (OSError, EOFError, ValueError) as e:  # not gzip, cut short, not parquet...
+                raise ConfigError(f"{path} cannot be read: {type(e).__name__}: {e}") from e
 
     def _missing(self, where: str, what: str) -> None:
         if self.on_missing == "fail":

@@ -105,6 +105,20 @@ def test_sources_fail_on_a_missing_field_when_asked(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("cut.jsonl.gz", gzip.compress(b'{"text": "x"}\n' * 1000)[:60], "EOFError: Compressed file ended"),
+        ("plain.jsonl.gz", b'{"text": "not compressed"}\n', "BadGzipFile: Not a gzipped file"),
+        ("broken.parquet", b"PAR1 not a parquet file", "ArrowInvalid"),
+    ],
+)
+def test_a_damaged_file_is_named_in_one_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / name} cannot be read: {message}"):
+        list(DocumentReader([tmp_path / name]))
+
+
+@pytest.mark.parametrize(
     "inputs,message",
     [(["nope"], "input nope does not exist"), (["empty_dir"], "has no .txt"), (["x.csv"], "is not one of")],
 )
