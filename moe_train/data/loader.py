@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from moe_train.config import Config, ConfigError
+from moe_train.config import Config, ConfigError, DataConfig
 from moe_train.data.indexed import build_gpt_datasets
 from moe_train.data.stdlib import load_stdlib_bytes, prepare_stdlib
 from moe_train.data.tokenizer import ByteTokenizer, HFTokenizer
@@ -89,6 +89,34 @@ class Datasets:
     tokenizer: ByteTokenizer | HFTokenizer
     train: Samples  # sample g of the run's training stream
     val: Samples  # the validation samples, the same ones at every evaluation
+
+
+def tokenizer_file(data: DataConfig) -> Path | None:
+    """The tokenizer.json that `data` is tokenized with, if it is on this machine: data.tokenizer, or
+    the one beside the first corpus (data=indexed), or the prepared stdlib corpus's. None for the
+    byte-level stream, which has none."""
+    if data.name == "indexed":
+        path = Path(data.tokenizer) if data.tokenizer else Path(data.prefixes[0]).parent / "tokenizer.json"
+        return path if path.is_file() else None
+    if data.name == "stdlib":
+        found = sorted(
+            Path(data.cache_dir).expanduser().glob(f"stdlib-py*-bpe{data.vocab_size}/tokenizer.json")
+        )
+        return found[-1] if found else None
+    return None
+
+
+def load_tokenizer(data: DataConfig) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer `data` is tokenized with (a checkpoint's, for sampling from it)."""
+    if data.name == "stdlib_bytes":
+        return ByteTokenizer()
+    path = tokenizer_file(data)
+    if path is None:
+        where = f"data.tokenizer={data.tokenizer}" if data.tokenizer else f"data.cache_dir={data.cache_dir}"
+        if data.name == "indexed" and not data.tokenizer:
+            where = f"beside data.prefixes[0]={data.prefixes[0]}"
+        raise ConfigError(f"the tokenizer of data={data.name} is not on this machine ({where})")
+    return HFTokenizer(path)
 
 
 def build_datasets(config: Config, topology: Topology) -> Datasets:

@@ -17,26 +17,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from moe_train.config import Config, ConfigError
+from moe_train.config import ConfigError
+from moe_train.data.loader import tokenizer_file
 from moe_train.tools import hf
 from moe_train.tools.cli import one_line_errors
 from moe_train.train.checkpoint import load_model
 
 SHARD_SIZE = "5GB"
-
-
-def tokenizer_of(config: Config) -> Path | None:
-    """The tokenizer.json the checkpoint's training data used, if it was a Hugging Face one."""
-    data = config.data
-    if data.name == "indexed":
-        path = Path(data.tokenizer) if data.tokenizer else Path(data.prefixes[0]).parent / "tokenizer.json"
-        return path if path.is_file() else None
-    if data.name == "stdlib":
-        found = sorted(
-            Path(data.cache_dir).expanduser().glob(f"stdlib-py*-bpe{data.vocab_size}/tokenizer.json")
-        )
-        return found[-1] if found else None
-    return None  # byte-level: no Hugging Face tokenizer to ship
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -64,7 +51,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
                 "weight_map": split.tensor_to_filename,
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        tokenizer = tokenizer_of(config)
+        tokenizer = tokenizer_file(config.data)
         if tokenizer is not None:
             shutil.copy(tokenizer, tmp / "tokenizer.json")
             (tmp / "tokenizer_config.json").write_text(
