@@ -13,18 +13,19 @@ import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from moe_train.config import ConfigError
 from moe_train.tools.cli import exit_on_config_error
-from moe_train.tools.hydra_config import compose_config, register_schema, to_config
+from moe_train.tools.hydra_config import apply_init_from, compose_config, register_schema, to_config
 from moe_train.train.trainer import run
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
-        config = to_config(cfg)
+        config = to_config(apply_init_from(cfg, list(HydraConfig.get().overrides.task)))
         run(config)
     except ConfigError as e:
         exit_on_config_error(e)

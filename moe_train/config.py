@@ -247,8 +247,9 @@ class TrainerConfig:
     init_from: str | None = None
     """A checkpoint (a run's, or one written by the tools: import_hf, upcycle, depth_upscale), or a
     run directory (its newest complete checkpoint), whose model architecture and weights a new run
-    starts from, with a fresh optimizer at step 0. Ignored once the run has checkpoints of its own
-    (then it resumes)."""
+    starts from, with a fresh optimizer at step 0; model.* overrides on the command line apply over
+    its architecture (e.g. model.moe.aux_loss_coef), a model= preset does not. Ignored once the run
+    has checkpoints of its own (then it resumes)."""
     resume: str = "auto"
     """`auto`: newest complete checkpoint in out_dir if any; `none`: start fresh (refuses to
     overwrite a run that has checkpoints); or a path to a checkpoint directory."""

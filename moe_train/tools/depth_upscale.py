@@ -27,7 +27,9 @@ def depth_upscale(checkpoint: str, out_dir: str, drop: int | None = None):
     if not 0 <= m <= n // 2:
         raise ConfigError(f"--drop={m} must be between 0 and n/2 = {n // 2} for a {n}-layer model")
     sources = list(range(n - m)) + list(range(m, n))  # new layer i <- old layer sources[i]
-    new_model_config = dataclasses.replace(config.model, num_layers=len(sources))
+    # a name of its own: runs default to runs/<model name>, where the source run's checkpoints are
+    name = f"{config.model.name}_{len(sources)}l"
+    new_model_config = dataclasses.replace(config.model, name=name, num_layers=len(sources))
     for i, j in enumerate(sources):
         if new_model_config.is_moe_layer(i) != config.model.is_moe_layer(j):
             raise ConfigError(

@@ -6,6 +6,7 @@ under moe_train/ imports hydra.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -47,6 +48,28 @@ def to_config(cfg: DictConfig) -> Config:
         raise ConfigError(_one_line(e)) from None
 
 
+def apply_init_from(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """With trainer.init_from the architecture comes with the weights: cfg.model becomes the
+    checkpoint's, with the command line's model.* overrides applied over it (a training-time value
+    such as model.moe.aux_loss_coef or model.moe.capacity_factor takes effect; a changed shape then
+    fails to load the weights, in one line), and init_from the checkpoint folder itself (a run
+    directory's newest). A model= preset is not applied: the checkpoint's architecture replaces it."""
+    if not cfg.trainer.init_from:
+        return cfg
+    from moe_train.train.checkpoint import load_config, resolve_checkpoint
+
+    keys = [o.lstrip("+").partition("=")[0] for o in overrides if not o.startswith("~")]
+    path = resolve_checkpoint(cfg.trainer.init_from)
+    model = OmegaConf.structured(load_config(path).model)
+    for key in keys:
+        if key.startswith("model."):
+            OmegaConf.update(model, key.removeprefix("model."), OmegaConf.select(cfg, key), merge=False)
+    cfg = copy.deepcopy(cfg)
+    cfg.model = model
+    cfg.trainer.init_from = str(path)
+    return cfg
+
+
 def check_presets(overrides: list[str]) -> None:
     """`group=name` must name a file conf/group/name.yaml; say which names exist if not."""
     for override in overrides:
@@ -71,4 +94,4 @@ def compose_config(overrides: list[str]) -> Config:
             cfg = compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
-    return to_config(cfg)
+    return to_config(apply_init_from(cfg, overrides))

@@ -61,7 +61,9 @@ def upcycle(
         aux_loss_coef=aux_loss_coef,
         z_loss_coef=z_loss_coef,
     )
-    new_config = dataclasses.replace(config, model=dataclasses.replace(model_config, moe=moe))
+    # a name of its own: runs default to runs/<model name>, where the dense run's checkpoints are
+    name = f"{model_config.name}_{num_experts}x_top{top_k}"
+    new_config = dataclasses.replace(config, model=dataclasses.replace(model_config, name=name, moe=moe))
     torch.manual_seed(seed)
     moe_model = Transformer(new_config.model)
     dense_state, state = dense.state_dict(), moe_model.state_dict()

@@ -20,7 +20,7 @@ from moe_train.model import Transformer, lm_loss, model_size
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.topology import Topology
 from moe_train.train.callbacks import Callback, default_callbacks
-from moe_train.train.checkpoint import Checkpointer, Progress, load_config, load_weights, resolve_checkpoint
+from moe_train.train.checkpoint import Checkpointer, Progress, load_weights
 from moe_train.train.engine import NativeEngine
 from moe_train.train.metrics import peak_flops
 from moe_train.train.optim import lr_at
@@ -49,10 +49,6 @@ def batch_layout(t: TrainerConfig, ranks: int) -> TrainerConfig:
 
 class Trainer:
     def __init__(self, config: Config, topology: Topology):
-        if config.trainer.init_from:  # the architecture comes with the weights
-            init_from = str(resolve_checkpoint(config.trainer.init_from))  # a run directory's newest
-            trainer = dataclasses.replace(config.trainer, init_from=init_from)
-            config = dataclasses.replace(config, trainer=trainer, model=load_config(init_from).model)
         config = dataclasses.replace(config, trainer=batch_layout(config.trainer, topology.world_size))
         self.config = config
         self.topology = topology

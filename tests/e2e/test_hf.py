@@ -150,6 +150,7 @@ def test_upcycled_full_copies_compute_the_dense_model_and_train_on(tmp_path):
     config, moe = load_model(out)
     _, dense = load_model(dense_dir)
     assert config.model.moe.num_experts == 4 and moe.moe_layer_ids == [0, 1]
+    assert config.model.name == "dense_tiny_4x_top2"  # not the source's: runs/<name> is its run directory
     tokens = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(moe(tokens).logits, dense(tokens).logits, rtol=1e-5, atol=1e-5)
@@ -180,7 +181,7 @@ def test_depth_upscaling_stacks_two_trimmed_copies(tmp_path, preset):
     out = depth_upscale(src, tmp_path / "deep", drop=1)
     config, deep = load_model(out)
     _, shallow = load_model(src)
-    assert config.model.num_layers == 6
+    assert config.model.num_layers == 6 and config.model.name == f"{preset}_6l"
     old, new = shallow.state_dict(), deep.state_dict()
     for i, j in enumerate([0, 1, 2, 1, 2, 3]):  # first copy minus its last layer, second minus its first
         for name in (k for k in old if k.startswith(f"layers.{j}.")):

@@ -11,6 +11,7 @@ import pytest
 from moe_train.config import ConfigError
 from moe_train.parallel.spawn import free_port
 from moe_train.tools.hydra_config import compose_config
+from moe_train.train.checkpoint import load_config
 from moe_train.train.metrics import read_metrics
 from moe_train.train.trainer import run
 
@@ -177,3 +178,23 @@ def test_torchrun_two_processes_expert_parallel(tmp_path, tiny_overrides):
     bad = torchrun(*tiny_overrides, "parallel.ep=4", "trainer.max_steps=3")
     assert bad.returncode != 0
     assert "error: parallel.ep=4 must divide the world size 2" in bad.stderr
+
+
+def test_init_from_brings_the_architecture_and_model_overrides_apply_over_it(tmp_path, tiny_overrides):
+    """The source run is a DBRX-like model; the new run names no preset (or another), so its composed
+    model is mixtral_tiny: the checkpoint's architecture wins, and the command line's model.* values
+    win over it (through train.py, whose overrides come from Hydra, and through compose_config)."""
+    source = [o for o in tiny_overrides if not o.startswith("model=")] + ["model=dbrx_tiny"]
+    train([*source, "trainer.max_steps=1", "trainer.num_samples=0"])
+    rest = [o for o in tiny_overrides if not o.startswith(("model", "trainer.out_dir"))]
+    new = [*rest, f"trainer.init_from={tmp_path / 'run'}", "model.moe.aux_loss_coef=0.05"]
+    result = cli(*new, f"trainer.out_dir={tmp_path / 'new'}", "trainer.max_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = load_config(next((tmp_path / "new" / "checkpoints").iterdir())).model
+    expected = load_config(next((tmp_path / "run" / "checkpoints").iterdir())).model
+    expected.moe.aux_loss_coef = 0.05
+    assert written == expected
+    composed = compose_config(new)
+    assert composed.model == expected
+    assert composed.trainer.init_from == str(next((tmp_path / "run" / "checkpoints").iterdir()))
+    assert compose_config([*new, "model=mixtral_tiny"]).model == expected  # a preset is not applied
