@@ -12,7 +12,9 @@ S = N * k routed assignments (fewer after capacity drops), F expert hidden dim.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -369,3 +371,19 @@ class MoE(nn.Module):
             dropped=num_dropped,
         )
         return out.view(shape), stats
+
+
+@contextlib.contextmanager
+def dropless(model: nn.Module) -> Iterator[None]:
+    """Every MoE layer of `model` routes every token inside the block (no capacity limit, whichever
+    dispatcher it has): sampling, as a model exported to Hugging Face does. A capacity factor is a
+    training-time token budget."""
+    dispatchers = [m.dispatcher for m in model.modules() if isinstance(m, MoE)]
+    factors = [d.capacity_factor for d in dispatchers]
+    for d in dispatchers:
+        d.capacity_factor = None
+    try:
+        yield
+    finally:
+        for d, factor in zip(dispatchers, factors):
+            d.capacity_factor = factor

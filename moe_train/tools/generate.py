@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import sys
 
 import torch
 
 from moe_train.config import ConfigError
 from moe_train.data.loader import load_tokenizer
-from moe_train.model import Transformer
 from moe_train.model.generate import generate
+from moe_train.model.moe import dropless
 from moe_train.tools.cli import one_line_errors
-from moe_train.train.checkpoint import load_config, load_weights, resolve_checkpoint
+from moe_train.train.checkpoint import load_model
 
 
 def sample(
@@ -37,12 +36,7 @@ def sample(
         raise ConfigError(f"--temperature={temperature} must be >= 0 (0: the most likely token)")
     if top_k < 0:
         raise ConfigError(f"--top-k={top_k} must be >= 0 (0: no cut)")
-    path = resolve_checkpoint(checkpoint)
-    config = load_config(path)
-    # a capacity factor is a training-time token budget: sampling routes dropless, as an export does
-    moe = dataclasses.replace(config.model.moe, capacity_factor=None)
-    model = Transformer(dataclasses.replace(config.model, moe=moe))
-    load_weights(path, model)
+    config, model = load_model(checkpoint)
     tokenizer = load_tokenizer(config.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
@@ -51,7 +45,7 @@ def sample(
     samples = []
     for prompt in prompts:
         ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(prompt)]], device=device)
-        with autocast:
+        with autocast, dropless(model):
             tokens = generate(model, ids, max_new_tokens, temperature, top_k or None, generator)
         samples.append(tokenizer.decode(tokens[0, 1:].tolist()))
     return samples

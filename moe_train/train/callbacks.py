@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from moe_train.model.generate import generate
+from moe_train.model.moe import dropless
 from moe_train.train.metrics import MetricsWriter
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class PrintSamples(Callback):
         for i in range(t.num_samples):
             prompt_text = SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]
             prompt = torch.tensor([tokenizer.encode(prompt_text)], device=trainer.device)
-            with trainer.autocast():
+            with trainer.autocast(), dropless(trainer.model):  # as generate and an export route
                 tokens = generate(trainer.model, prompt, t.sample_tokens, generator=generator)
             if trainer.topology.is_main:
                 print(f"\n----- sample {i + 1} -----\n{tokenizer.decode(tokens[0].tolist())}", flush=True)

@@ -5,12 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moe_train.model.moe import (
     GroupedExperts,
     LocalDispatcher,
     MoE,
     Routing,
+    dropless,
     grouped_mm_dtype,
     load_balancing_loss,
     router_z_loss,
@@ -110,6 +112,16 @@ def test_moe_matches_megatron_core_layer(num_experts, top_k, shared):
     for ours, theirs in pairs:
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     assert (lm_only - moe.router.gate.weight.grad).abs().max() > 1e-2  # the losses' part is not negligible
+
+
+def test_dropless_lifts_the_capacity_limit_inside_the_block_only():
+    moe = make_moe(8, 2, capacity_factor=0.5)
+    x = torch.randn(40, 16)
+    with torch.no_grad(), dropless(nn.Sequential(moe)):
+        out, stats = moe(x)
+    assert stats.dropped == 0
+    torch.testing.assert_close(out, naive_moe(moe, x), rtol=1e-5, atol=1e-5)
+    assert moe(x)[1].dropped > 0 and moe.dispatcher.capacity_factor == 0.5
 
 
 def test_capacity_factor_drops_over_capacity_in_token_order():
