@@ -109,7 +109,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        for key in ("dim", "num_layers", "num_heads", "ffn_hidden_dim", "max_seq_len"):
+        for key in (
+            "dim",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "ffn_hidden_dim",
+            "max_seq_len",
+            "rope_theta",
+        ):
             value = getattr(self, key)
             _check(value > 0, f"model.{key}={value} must be > 0")
         _check(
@@ -120,7 +128,7 @@ class ModelConfig:
             f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}",
         )
         _check(
-            self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+            self.num_heads % self.num_kv_heads == 0,
             f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads={self.num_kv_heads}",
         )
         _check(

@@ -28,6 +28,8 @@ from moe_train.tools.hydra_config import compose_config
             lambda: ModelConfig(num_heads=8, num_kv_heads=3),
             "model.num_heads=8 must be divisible by model.num_kv_heads=3",
         ),
+        (lambda: ModelConfig(num_kv_heads=0), "model.num_kv_heads=0 must be > 0"),
+        (lambda: ModelConfig(rope_theta=0.0), "model.rope_theta=0.0 must be > 0"),
         (lambda: OptimConfig(lr=-1e-3), "optim.lr=-0.001 must be a positive number"),
         (
             lambda: TrainerConfig(global_batch_size=10, micro_batch_size=4),
