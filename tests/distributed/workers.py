@@ -64,7 +64,9 @@ def moe_layer_matches_single_process(rank, ep, capacity_factor, result_dir, over
 
 def round_trip(rank, ep, result_dir):
     """Identity experts: every token comes back to its place; each rank receives exactly the rows
-    routed to its own experts."""
+    routed to its own experts. Routings: the router's, and adversarial ones where every token of
+    every rank goes to the first two experts (rank 0 gets all rows, the others none) or to the last
+    two (the last rank gets all)."""
     topo = Topology.setup(ParallelConfig(ep=ep), "cpu")
     moe = build_moe()
     apply_expert_parallel(moe, topo)
@@ -72,12 +74,20 @@ def round_trip(rank, ep, result_dir):
     x = torch.randn(17, 16)
     routing = moe.router(x)
     routing.weights = torch.full_like(routing.weights, 1 / moe.top_k)
-    rows, tokens_per_local_expert, state = moe.dispatcher.dispatch(x, routing)
-    counts = torch.bincount(routing.experts.flatten(), minlength=8)
-    dist.all_reduce(counts)
     El = 8 // ep
-    assert tokens_per_local_expert.tolist() == counts[topo.ep_rank * El : (topo.ep_rank + 1) * El].tolist()
-    torch.testing.assert_close(moe.dispatcher.combine(rows, state), x)
+    for experts in (
+        routing.experts,
+        torch.tensor([[0, 1]]).expand(17, 2),
+        torch.tensor([[7, 6]]).expand(17, 2),
+    ):
+        routing.experts = experts
+        rows, tokens_per_local_expert, state = moe.dispatcher.dispatch(x, routing)
+        counts = torch.bincount(routing.experts.flatten(), minlength=8)
+        dist.all_reduce(counts)
+        assert (
+            tokens_per_local_expert.tolist() == counts[topo.ep_rank * El : (topo.ep_rank + 1) * El].tolist()
+        )
+        torch.testing.assert_close(moe.dispatcher.combine(rows, state), x)
     Path(result_dir, f"rank{rank}.ok").write_text("ok")
 
 
