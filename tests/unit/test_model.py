@@ -104,7 +104,9 @@ def test_counts_by_hand():
 PUBLISHED = {
     "mixtral_8x7b": (46.7e9, 0.05e9, 12.9e9, 0.05e9),
     "dbrx": (132e9, 0.5e9, 36e9, 0.5e9),
+    "deepseekmoe_2b": (2.0e9, 0.05e9, 0.3e9, 0.05e9),
     "deepseekmoe_16b": (16.4e9, 0.05e9, 2.8e9, 0.05e9),
+    "deepseekmoe_145b": (144.6e9, 0.05e9, 22.2e9, 0.05e9),
     "llama2_7b": (6.74e9, 0.005e9, 6.74e9, 0.005e9),
     "grok1": (314e9, 0.5e9, None, None),
 }
