@@ -88,6 +88,7 @@ def test_bad_values_name_the_key(build, message):
         (["model=nope"], "model=nope is not a preset; available: dbrx, dbrx_tiny"),
         (["trainer.max_steps=abc"], "trainer.max_steps: Value 'abc'"),
         (["model.moe.top_k=3", "model=dense_tiny"], None),  # dense: top_k unused
+        (["data=indexed", "data.prefixes=[web/web]"], None),  # its seq_len fits the default preset
         (["model=mixtral_tiny", "model.moe.top_k=9"], "model.moe.top_k=9 must be between"),
     ],
 )
