@@ -46,6 +46,12 @@ class MoEConfig:
     capacity_factor: float | None = None
     """None = dropless. Otherwise each expert takes at most ceil(capacity_factor * tokens * top_k /
     num_experts) tokens per micro-batch and rank; the rest of its assignments are dropped."""
+    bias_update_rate: float = 0.0
+    """Auxiliary-loss-free load balancing (DeepSeek-V3): above 0, a per-expert bias is added to the
+    router probabilities for the top-k choice only (the combine weights stay the probabilities),
+    and after each optimizer step it moves by this much toward balance: up for the experts that got
+    fewer than the mean share of the global batch's assignments, down for those that got more.
+    Usually with a small or zero aux_loss_coef. 0: off."""
 
     def __post_init__(self) -> None:
         _check(self.num_experts >= 0, f"model.moe.num_experts={self.num_experts} must be >= 0")
@@ -75,6 +81,7 @@ class MoEConfig:
             self.capacity_factor is None or self.capacity_factor > 0,
             f"model.moe.capacity_factor={self.capacity_factor} must be > 0 (or null for dropless)",
         )
+        _check(self.bias_update_rate >= 0, f"model.moe.bias_update_rate={self.bias_update_rate} must be >= 0")
 
 
 @dataclass

@@ -35,21 +35,38 @@ class Routing:
 
 
 class TopKRouter(nn.Module):
-    """Linear gate, softmax over all experts, top-k, optional renormalisation of the top-k weights."""
+    """Linear gate, softmax over all experts, top-k, optional renormalisation of the top-k weights.
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool):
+    With expert_bias (auxiliary-loss-free balancing), the top-k is taken over probs + bias while the
+    weights are the chosen experts' probabilities: the bias steers which experts a token goes to,
+    not how much each contributes (DeepSeek-V3). The trainer moves it between steps (update_bias)."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool, expert_bias: bool = False):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.top_k = top_k
         self.renormalize = renormalize
+        # a buffer: checkpointed with the model, never seen by the optimizer
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.gate(x).float()  # (N, E): routing in fp32 even under autocast
         probs = logits.softmax(dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.expert_bias is None:
+            weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        else:
+            experts = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
+            weights = probs.gather(-1, experts)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(logits, probs, experts, weights)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor, rate: float) -> None:
+        """Move the bias by `rate` toward balance, from this step's assignments per expert (E,),
+        counted over the whole global batch so that every rank moves it alike."""
+        counts = tokens_per_expert.to(self.expert_bias)
+        self.expert_bias += rate * torch.sign(counts.mean() - counts)
 
 
 def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -339,11 +356,12 @@ class MoE(nn.Module):
         num_shared_experts: int = 0,
         renormalize: bool = True,
         capacity_factor: float | None = None,
+        expert_bias: bool = False,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
-        self.router = TopKRouter(dim, num_experts, top_k, renormalize)
+        self.router = TopKRouter(dim, num_experts, top_k, renormalize, expert_bias)
         self.experts = GroupedExperts(num_experts, dim, hidden_dim)
         # k shared SwiGLU experts of hidden F are exactly one SwiGLU of hidden k * F.
         self.shared_experts = (

@@ -35,6 +35,7 @@ class Block(nn.Module):
                 moe.num_shared_experts,
                 moe.renormalize,
                 moe.capacity_factor,
+                expert_bias=moe.bias_update_rate > 0,
             )
         else:
             self.ffn = FeedForward(config.dim, config.ffn_hidden_dim)

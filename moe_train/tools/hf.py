@@ -167,6 +167,12 @@ def hf_config(config: ModelConfig):
 
 def to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> HF tensors (Hub key layout), all contiguous."""
+    for key, value in state.items():
+        if key.endswith("router.expert_bias") and torch.count_nonzero(value):
+            raise ConfigError(
+                f"{key} is not zero: the routing bias of auxiliary-loss-free balancing "
+                "(model.moe.bias_update_rate) picks experts, which Mixtral and Qwen2-MoE cannot express"
+            )
     layout = _layout(config, architecture(config))
     out = {theirs: state[ours] for ours, theirs in layout.plain}
     for ours, parts in layout.experts:

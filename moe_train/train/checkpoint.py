@@ -68,13 +68,29 @@ def dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
     """Load `state` in place from a DCP checkpoint, presenting expert shards as DTensors; a load
     that does not fit this model becomes one line naming the first mismatch."""
     distributed = topology is not None and topology.distributed
-    if topology is not None:
-        state = expert_shards_to_dtensors(state, topology)
     try:
+        absent = _routing_biases_absent_from(path, state)
+        if topology is not None:
+            state = expert_shards_to_dtensors(state, topology)
         dcp.load(state, checkpoint_id=path, no_dist=not distributed)
     except (Exception, CheckpointException) as e:  # another model's checkpoint, or a damaged one
         raise ConfigError(f"cannot load checkpoint {path} into this model: {_reason(e)}") from e
-    return expert_shards_to_dtensors(state, topology, inverse=True) if topology is not None else state
+    if topology is not None:
+        state = expert_shards_to_dtensors(state, topology, inverse=True)
+    state["model"].update(absent)
+    return state
+
+
+def _routing_biases_absent_from(path: Path, state: dict) -> dict:
+    """Takes out of state["model"], and returns, the routing biases (auxiliary-loss-free balancing)
+    that the checkpoint lacks, e.g. one written before the run turned the balancing on: they are
+    not loaded and keep their starting zeros."""
+    model = state.get("model", {})
+    keys = [k for k in model if k.endswith("router.expert_bias")]
+    if not keys:
+        return {}
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return {k: model.pop(k) for k in keys if f"model.{k}" not in stored}
 
 
 def load_weights(path: str | Path, model: nn.Module, topology: Topology | None = None) -> None:

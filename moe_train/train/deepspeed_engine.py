@@ -164,6 +164,9 @@ class ZeroEngine:
         self.optimizer = self.engine.optimizer
         self.micro_batches = micro_batches
         self._micro = 0
+        for module in model.modules():  # a bf16 engine casts buffers too; the routing bias stays fp32
+            if getattr(module, "expert_bias", None) is not None:
+                module.expert_bias = module.expert_bias.float()
 
     def _optimizer(self, groups: list[dict], config: Config) -> torch.optim.Optimizer:
         o = config.optim

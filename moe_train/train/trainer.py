@@ -17,6 +17,7 @@ import torch
 from moe_train.config import Config, ConfigError, TrainerConfig
 from moe_train.data import build_datasets
 from moe_train.model import Transformer, lm_loss, model_size
+from moe_train.model.moe import MoE
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.topology import Topology
 from moe_train.train.callbacks import Callback, default_callbacks
@@ -78,6 +79,7 @@ class Trainer:
         apply_expert_parallel(self.model, topology, config.parallel.ep_overlap_chunks)
         self.model.to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
+        self.routers = [m.router for m in self.model.modules() if isinstance(m, MoE)]  # in layer order
         if t.compile:  # per block, in place (state-dict keys unchanged); expert dispatch stays eager
             for block in self.model.layers:
                 block.compile()
@@ -197,7 +199,11 @@ class Trainer:
             for kind, num_bytes in self.engine.optimizer_state_bytes().items():
                 metrics[f"optimizer_{kind}_mb"] = num_bytes / 2**20
         if tokens_per_expert is not None:
-            metrics.update(self._expert_metrics(topo.all_reduce(tokens_per_expert), topo.all_reduce(dropped)))
+            tokens_per_expert, dropped = topo.all_reduce(tokens_per_expert), topo.all_reduce(dropped)
+            if moe.bias_update_rate:  # auxiliary-loss-free balancing, from the global batch's counts
+                for router, counts in zip(self.routers, tokens_per_expert):
+                    router.update_bias(counts, moe.bias_update_rate)
+            metrics.update(self._expert_metrics(tokens_per_expert, dropped))
         elapsed = time.perf_counter() - start_time
         tokens_per_sec = t.global_batch_size * self.config.data.seq_len / elapsed
         metrics["tokens_per_sec"] = tokens_per_sec

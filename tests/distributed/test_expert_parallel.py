@@ -104,6 +104,16 @@ def test_capacity_that_drops_nothing_matches_dropless(tmp_path, reference_run):
     assert_same_run(metrics, params, *reference_run)
 
 
+def test_auxiliary_loss_free_balancing_matches_single_process(tmp_path):
+    """The routing bias moves from the global batch's counts: every rank moves it alike, and as one
+    process does."""
+    balancing = ("model.moe.bias_update_rate=0.01", "model.moe.aux_loss_coef=0")
+    single = train_run(tmp_path, "single", 1, 1, *balancing)
+    metrics, params = train_run(tmp_path, "ep2", 2, 2, *balancing)
+    assert_same_run(metrics, params, *single)
+    assert params["layers.0.ffn.router.expert_bias"].abs().sum() > 0
+
+
 def test_checkpoint_written_at_ep2_resumes_at_ep1_and_ep4(tmp_path, reference_run):
     saved = tmp_path / "saved"
     train_run(tmp_path, "first-half", 2, 2, "trainer.exit_after_steps=3", out_dir=saved)

@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_train.config import ConfigError
 from moe_train.parallel.spawn import free_port
 from moe_train.tools.hydra_config import compose_config
-from moe_train.train.checkpoint import load_config
+from moe_train.train.checkpoint import load_config, load_model
 from moe_train.train.metrics import read_metrics
 from moe_train.train.trainer import run
 
@@ -198,3 +199,32 @@ def test_init_from_brings_the_architecture_and_model_overrides_apply_over_it(tmp
     assert composed.model == expected
     assert composed.trainer.init_from == str(next((tmp_path / "run" / "checkpoints").iterdir()))
     assert compose_config([*new, "model=mixtral_tiny"]).model == expected  # a preset is not applied
+
+
+def test_auxiliary_loss_free_balancing_from_a_checkpoint_without_it_resumes_exactly(tmp_path, tiny_overrides):
+    """A run without the routing bias, continued (trainer.init_from) with it turned on: the bias
+    starts at zero, moves, is checkpointed, and a resumed run matches the uninterrupted one bit for
+    bit. An export to Hugging Face refuses it (the formats have no routing bias)."""
+    from moe_train.tools.export_hf import export
+
+    base = [o for o in tiny_overrides if not o.startswith("trainer.out_dir")]
+    train([*base, f"trainer.out_dir={tmp_path / 'plain'}", "trainer.max_steps=2", "trainer.num_samples=0"])
+    balanced = [*base, f"trainer.init_from={tmp_path / 'plain'}", "model.moe.bias_update_rate=0.01"]
+    balanced += [
+        "model.moe.aux_loss_coef=0",
+        "trainer.max_steps=6",
+        "trainer.eval_every=0",
+        "trainer.ckpt_every=0",
+    ]
+    whole = train([*balanced, f"trainer.out_dir={tmp_path / 'whole'}"])
+    train([*balanced, f"trainer.out_dir={tmp_path / 'split'}", "trainer.exit_after_steps=3"])
+    resumed = train([*balanced, f"trainer.out_dir={tmp_path / 'split'}"])
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]  # the same metrics.jsonl, continued
+    assert losses(resumed) == losses(whole)
+    assert [m["expert_load/layer_0"] for m in resumed] == [m["expert_load/layer_0"] for m in whole]
+    _, model = load_model(tmp_path / "whole")
+    bias = model.layers[0].ffn.router.expert_bias
+    assert bias.abs().sum() > 0 and torch.allclose(bias * 100, (bias * 100).round())  # steps of 0.01
+    with pytest.raises(ConfigError, match="router.expert_bias is not zero"):
+        export(tmp_path / "whole", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -53,6 +53,10 @@ from moe_train.tools.hydra_config import compose_config
             "parallel.ep=16 is larger than model.moe.num_experts=8",
         ),
         (lambda: MoEConfig(num_experts=8, capacity_factor=0.0), "model.moe.capacity_factor=0.0 must be > 0"),
+        (
+            lambda: MoEConfig(num_experts=8, bias_update_rate=-0.1),
+            "model.moe.bias_update_rate=-0.1 must be >= 0",
+        ),
         (lambda: ParallelConfig(ep_overlap_chunks=0), "parallel.ep_overlap_chunks=0 must be >= 1"),
         (
             lambda: Config(

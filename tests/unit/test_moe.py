@@ -12,6 +12,7 @@ from moe_train.model.moe import (
     LocalDispatcher,
     MoE,
     Routing,
+    TopKRouter,
     dropless,
     grouped_mm_dtype,
     load_balancing_loss,
@@ -122,6 +123,46 @@ def test_dropless_lifts_the_capacity_limit_inside_the_block_only():
     assert stats.dropped == 0
     torch.testing.assert_close(out, naive_moe(moe, x), rtol=1e-5, atol=1e-5)
     assert moe(x)[1].dropped > 0 and moe.dispatcher.capacity_factor == 0.5
+
+
+def test_expert_bias_picks_the_experts_but_the_weights_stay_the_probabilities():
+    router = TopKRouter(16, 8, 2, renormalize=False, expert_bias=True)
+    x = torch.randn(50, 16)
+    router.expert_bias[5] = 1.0  # larger than any probability gap: expert 5 is in every top-2
+    routing = router(x)
+    assert (routing.experts == 5).any(dim=-1).all()
+    other = torch.where(routing.experts[:, 0] == 5, routing.experts[:, 1], routing.experts[:, 0])
+    masked = routing.probs.clone()
+    masked[:, 5] = -1
+    assert torch.equal(other, masked.argmax(dim=-1))  # the other choice: the likeliest of the rest
+    torch.testing.assert_close(routing.weights, routing.probs.gather(-1, routing.experts))
+
+
+def test_expert_bias_update_by_hand():
+    router = TopKRouter(4, 4, 1, renormalize=True, expert_bias=True)
+    router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]), rate=0.1)  # mean 5
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+
+
+def test_expert_bias_balances_a_skewed_router():
+    """A router whose first two experts have 8x larger gate weights, so they take most tokens; the
+    bias alone, moved from each batch's counts, brings the load near balance (the gate is never
+    trained here)."""
+    torch.manual_seed(0)
+    router = TopKRouter(16, 8, 2, renormalize=True, expert_bias=True)
+    with torch.no_grad():
+        router.gate.weight[:2] *= 8
+    x = torch.randn(1024, 16)
+
+    def imbalance():
+        counts = torch.bincount(router(x).experts.flatten(), minlength=8).float()
+        return (counts.max() / counts.mean()).item(), counts
+
+    start, _ = imbalance()
+    for _ in range(100):
+        router.update_bias(imbalance()[1], rate=0.005)
+    assert start > 1.8
+    assert imbalance()[0] < 1.25
 
 
 def test_capacity_factor_drops_over_capacity_in_token_order():
