@@ -91,12 +91,17 @@ class Datasets:
     val: Samples  # the validation samples, the same ones at every evaluation
 
 
+def _indexed_tokenizer(data: DataConfig) -> Path:
+    """data=indexed: data.tokenizer, or the tokenizer.json beside the first corpus."""
+    return Path(data.tokenizer) if data.tokenizer else Path(data.prefixes[0]).parent / "tokenizer.json"
+
+
 def tokenizer_file(data: DataConfig) -> Path | None:
     """The tokenizer.json that `data` is tokenized with, if it is on this machine: data.tokenizer, or
     the one beside the first corpus (data=indexed), or the prepared stdlib corpus's. None for the
     byte-level stream, which has none."""
     if data.name == "indexed":
-        path = Path(data.tokenizer) if data.tokenizer else Path(data.prefixes[0]).parent / "tokenizer.json"
+        path = _indexed_tokenizer(data)
         return path if path.is_file() else None
     if data.name == "stdlib":
         found = sorted(
@@ -112,9 +117,9 @@ def load_tokenizer(data: DataConfig) -> ByteTokenizer | HFTokenizer:
         return ByteTokenizer()
     path = tokenizer_file(data)
     if path is None:
-        where = f"data.tokenizer={data.tokenizer}" if data.tokenizer else f"data.cache_dir={data.cache_dir}"
-        if data.name == "indexed" and not data.tokenizer:
-            where = f"beside data.prefixes[0]={data.prefixes[0]}"
+        where = (
+            _indexed_tokenizer(data) if data.name == "indexed" else f"under data.cache_dir={data.cache_dir}"
+        )
         raise ConfigError(f"the tokenizer of data={data.name} is not on this machine ({where})")
     return HFTokenizer(path)
 
@@ -139,9 +144,7 @@ def build_datasets(config: Config, topology: Topology) -> Datasets:
         prefixes, weights = [str(prefix)], None
     else:
         prefixes, weights = data.prefixes, data.weights
-        tokenizer_path = (
-            Path(data.tokenizer) if data.tokenizer else Path(prefixes[0]).parent / "tokenizer.json"
-        )
+        tokenizer_path = _indexed_tokenizer(data)
     tokenizer = HFTokenizer(tokenizer_path)
     train, val = build_gpt_datasets(
         prefixes,

@@ -200,9 +200,7 @@ class Trainer:
                 metrics[f"optimizer_{kind}_mb"] = num_bytes / 2**20
         if tokens_per_expert is not None:
             tokens_per_expert, dropped = topo.all_reduce(tokens_per_expert), topo.all_reduce(dropped)
-            if moe.bias_update_rate:  # auxiliary-loss-free balancing, from the global batch's counts
-                for router, counts in zip(self.routers, tokens_per_expert):
-                    router.update_bias(counts, moe.bias_update_rate)
+            self._update_routing_bias(tokens_per_expert)
             metrics.update(self._expert_metrics(tokens_per_expert, dropped))
         elapsed = time.perf_counter() - start_time
         tokens_per_sec = t.global_batch_size * self.config.data.seq_len / elapsed
@@ -212,6 +210,14 @@ class Trainer:
         if self.peak_flops:
             metrics["mfu"] = self.size.flops_per_token * tokens_per_sec / (self.peak_flops * topo.world_size)
         return metrics
+
+    def _update_routing_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing (model.moe.bias_update_rate > 0): each router's bias moves
+        from the global batch's counts (L, E), the same on every rank."""
+        rate = self.config.model.moe.bias_update_rate
+        if rate:
+            for router, counts in zip(self.routers, tokens_per_expert):
+                router.update_bias(counts, rate)
 
     def _expert_metrics(self, tokens_per_expert: torch.Tensor, dropped: torch.Tensor) -> dict:
         """tokens_per_expert (L, E) and dropped (L,), summed over micro-batches and ranks."""
