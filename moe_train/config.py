@@ -223,10 +223,18 @@ def _split_weights(split: str) -> list[float]:
 class OptimConfig:
     lr: float = 3e-3
     """Peak learning rate (AdamW)."""
+    schedule: str = "cosine"
+    """After the warmup: `cosine` decays to lr * min_lr_ratio at trainer.max_steps; `linear` the
+    same, in a straight line; `wsd` (warmup-stable-decay) holds lr, then decays linearly to
+    lr * min_lr_ratio over the last decay_fraction of trainer.max_steps. Until its decay starts, a
+    wsd run does not depend on trainer.max_steps: resumed with a larger one, it trains on as if it
+    had been planned that long (cosine and linear would jump)."""
     min_lr_ratio: float = 0.1
-    """The cosine schedule decays to lr * min_lr_ratio at trainer.max_steps."""
+    """The schedule ends at lr * min_lr_ratio at trainer.max_steps."""
     warmup_steps: int = 20
     """Linear warmup from 0 to lr over this many optimizer steps."""
+    decay_fraction: float = 0.2
+    """optim.schedule=wsd: the share of trainer.max_steps spent in the final decay."""
     weight_decay: float = 0.1
     """Decoupled weight decay; never applied to norms, biases or embeddings."""
     beta1: float = 0.9
@@ -237,8 +245,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be a positive number")
+        _one_of("optim.schedule", self.schedule, ("cosine", "linear", "wsd"))
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(0 <= self.decay_fraction <= 1, f"optim.decay_fraction={self.decay_fraction} must be in [0, 1]")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         _check(0 <= self.beta1 < 1, f"optim.beta1={self.beta1} must be in [0, 1)")
         _check(0 <= self.beta2 < 1, f"optim.beta2={self.beta2} must be in [0, 1)")

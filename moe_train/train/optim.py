@@ -1,4 +1,5 @@
-"""AdamW with decay only on matrices, and the warmup + cosine learning-rate schedule."""
+"""AdamW with decay only on matrices, and the learning-rate schedules (warmup, then cosine, linear
+or warmup-stable-decay)."""
 
 from __future__ import annotations
 
@@ -34,10 +35,17 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device)
 
 
 def lr_at(step: int, config: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    """Learning rate for optimizer step `step` (0-based): a linear warmup to config.lr, then
+    config.schedule down to lr * min_lr_ratio, which it reaches at step max_steps. wsd holds lr
+    until its decay starts, at max_steps - decay_fraction * max_steps (never inside the warmup)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    decay_steps = max(1, max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+    decay_start = config.warmup_steps
+    if config.schedule == "wsd":
+        decay_start = max(decay_start, max_steps - round(config.decay_fraction * max_steps))
+    progress = min(1.0, max(0, step - decay_start) / max(1, max_steps - decay_start))
+    if config.schedule == "cosine":
+        remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:  # linear, and wsd's decay
+        remaining = 1.0 - progress
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * remaining)

@@ -41,6 +41,17 @@ def test_resume_is_bit_exact(tmp_path, tiny_overrides):
     assert [m.get("val_loss") for m in resumed] == [m.get("val_loss") for m in whole]
 
 
+def test_wsd_run_extended_before_its_decay_trains_on_as_if_planned_that_long(tmp_path, tiny_overrides):
+    common = [*tiny_overrides[:-1], "optim.schedule=wsd", "optim.decay_fraction=0.25", "optim.warmup_steps=2"]
+    common += ["trainer.eval_every=0"]
+    planned = train([*common, "trainer.max_steps=16", f"trainer.out_dir={tmp_path / 'planned'}"])
+    short = tmp_path / "short"  # planned for 8 steps, so its decay starts at step 6: stopped there
+    train([*common, "trainer.max_steps=8", "trainer.exit_after_steps=6", f"trainer.out_dir={short}"])
+    extended = train([*common, "trainer.max_steps=16", f"trainer.out_dir={short}"])
+    assert losses(extended) == losses(planned)
+    assert [m["lr"] for m in extended] == [m["lr"] for m in planned]
+
+
 def test_resume_auto_takes_newest_complete_checkpoint_and_ignores_partial(tmp_path, tiny_overrides):
     overrides = [*tiny_overrides, "trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.keep_last=2"]
     train([*overrides, "trainer.exit_after_steps=4"])

@@ -32,6 +32,11 @@ from moe_train.tools.hydra_config import compose_config
         (lambda: ModelConfig(rope_theta=0.0), "model.rope_theta=0.0 must be > 0"),
         (lambda: OptimConfig(lr=-1e-3), "optim.lr=-0.001 must be a positive number"),
         (
+            lambda: OptimConfig(schedule="step"),
+            "optim.schedule='step' is not allowed; choose one of cosine, linear, wsd",
+        ),
+        (lambda: OptimConfig(decay_fraction=1.5), "optim.decay_fraction=1.5 must be in [0, 1]"),
+        (
             lambda: TrainerConfig(global_batch_size=10, micro_batch_size=4),
             "trainer.global_batch_size=10 must be divisible by trainer.micro_batch_size=4",
         ),
