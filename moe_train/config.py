@@ -41,6 +41,16 @@ class MoEConfig:
     """Rescale the top-k router probabilities to sum to 1 (Mixtral: yes, DeepSeekMoE: no)."""
     aux_loss_coef: float = 0.01
     """Weight of the Switch/GShard load-balancing loss (mean over MoE layers; 1.0 when balanced)."""
+    num_expert_groups: int = 1
+    """The routed experts as this many groups of consecutive experts, the unit the device-level
+    balance loss balances. Under expert parallelism rank r holds the r-th of parallel.ep such
+    groups, so num_expert_groups = parallel.ep makes them the devices (DeepSeekMoE's D devices)."""
+    device_aux_loss_coef: float = 0.0
+    """Weight of DeepSeekMoE's device-level balance loss, sum over groups g of mean_{e in g}(f_e) *
+    sum_{e in g}(P_e), with f_e normalised so that balance gives 1 (mean over MoE layers; 1.0 when
+    the groups are balanced, whatever the experts inside them do). It lets the experts of a device
+    specialise while the devices stay evenly loaded: DeepSeekMoE 145B pairs a small aux_loss_coef
+    (0.003) with this one (0.05). 0: off."""
     z_loss_coef: float = 0.001
     """Weight of the ST-MoE router z-loss (mean over MoE layers)."""
     capacity_factor: float | None = None
@@ -77,6 +87,15 @@ class MoEConfig:
         _check(self.every_n_layers >= 1, f"model.moe.every_n_layers={self.every_n_layers} must be >= 1")
         _check(self.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={self.aux_loss_coef} must be >= 0")
         _check(self.z_loss_coef >= 0, f"model.moe.z_loss_coef={self.z_loss_coef} must be >= 0")
+        _check(
+            self.num_expert_groups >= 1 and self.num_experts % self.num_expert_groups == 0,
+            f"model.moe.num_expert_groups={self.num_expert_groups} must be >= 1 and divide "
+            f"model.moe.num_experts={self.num_experts}",
+        )
+        _check(
+            self.device_aux_loss_coef >= 0,
+            f"model.moe.device_aux_loss_coef={self.device_aux_loss_coef} must be >= 0",
+        )
         _check(
             self.capacity_factor is None or self.capacity_factor > 0,
             f"model.moe.capacity_factor={self.capacity_factor} must be > 0 (or null for dropless)",
@@ -434,6 +453,12 @@ class Config:
                 moe.num_experts % self.parallel.ep == 0,
                 f"model.moe.num_experts={moe.num_experts} must be divisible by "
                 f"parallel.ep={self.parallel.ep}",
+            )
+            _check(
+                not (moe.device_aux_loss_coef and moe.num_expert_groups == 1 and self.parallel.ep > 1),
+                f"model.moe.device_aux_loss_coef={moe.device_aux_loss_coef} balances groups of experts, but "
+                f"model.moe.num_expert_groups=1 makes one group: set it to parallel.ep={self.parallel.ep} "
+                "(one group per device)",
             )
         else:
             _check(self.parallel.ep == 1, f"parallel.ep={self.parallel.ep} needs an MoE model (ep=1)")

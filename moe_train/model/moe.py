@@ -69,16 +69,23 @@ class TopKRouter(nn.Module):
         self.expert_bias += rate * torch.sign(counts.mean() - counts)
 
 
-def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Switch/GShard auxiliary loss E * sum_e f_e * P_e, normalised so balanced routing gives 1.0.
+def load_balancing_loss(
+    probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int, num_groups: int | None = None
+) -> torch.Tensor:
+    """Switch/GShard auxiliary loss sum_e f_e * P_e, normalised so balanced routing gives 1.0.
 
-    f_e is the share of the N * k assignments that went to expert e (not differentiable) and P_e the
-    mean router probability of expert e (differentiable); the same normalisation as Megatron-Core.
+    f_e = E * (share of the N * k assignments that went to expert e), 1 when balanced (not
+    differentiable); P_e the mean router probability of expert e (differentiable); the same
+    normalisation as Megatron-Core. With num_groups G, DeepSeekMoE's device-level loss over G
+    groups of consecutive experts: sum_g mean_{e in g}(f_e) * sum_{e in g}(P_e), also 1.0 when the
+    groups are balanced.
     """
     num_tokens, num_experts = probs.shape
-    f = tokens_per_expert.float() / (num_tokens * top_k)  # (E,)
+    f = tokens_per_expert.float() * (num_experts / (num_tokens * top_k))  # (E,)
     p = probs.mean(dim=0)  # (E,)
-    return num_experts * (f * p).sum()
+    if num_groups is not None:
+        f, p = f.view(num_groups, -1).mean(dim=1), p.view(num_groups, -1).sum(dim=1)  # (G,)
+    return (f * p).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -339,6 +346,7 @@ class MoEStats:
     """Per-layer, per-micro-batch router statistics (reduced across ranks in the trainer)."""
 
     aux_loss: torch.Tensor  # scalar, differentiable
+    device_aux_loss: torch.Tensor  # scalar, differentiable: the same over the groups of experts
     z_loss: torch.Tensor  # scalar, differentiable
     tokens_per_expert: torch.Tensor  # (E,) routed assignments before any drop, detached
     dropped: int  # assignments dropped by the capacity limit
@@ -357,10 +365,12 @@ class MoE(nn.Module):
         renormalize: bool = True,
         capacity_factor: float | None = None,
         expert_bias: bool = False,
+        num_expert_groups: int = 1,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
+        self.num_expert_groups = num_expert_groups
         self.router = TopKRouter(dim, num_experts, top_k, renormalize, expert_bias)
         self.experts = GroupedExperts(num_experts, dim, hidden_dim)
         # k shared SwiGLU experts of hidden F are exactly one SwiGLU of hidden k * F.
@@ -384,6 +394,9 @@ class MoE(nn.Module):
         tokens_per_expert = torch.bincount(routing.experts.flatten(), minlength=self.num_experts)
         stats = MoEStats(
             aux_loss=load_balancing_loss(routing.probs, tokens_per_expert, self.top_k),
+            device_aux_loss=load_balancing_loss(
+                routing.probs, tokens_per_expert, self.top_k, self.num_expert_groups
+            ),
             z_loss=router_z_loss(routing.logits),
             tokens_per_expert=tokens_per_expert.detach(),
             dropped=num_dropped,

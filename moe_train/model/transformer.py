@@ -36,6 +36,7 @@ class Block(nn.Module):
                 moe.renormalize,
                 moe.capacity_factor,
                 expert_bias=moe.bias_update_rate > 0,
+                num_expert_groups=moe.num_expert_groups,
             )
         else:
             self.ffn = FeedForward(config.dim, config.ffn_hidden_dim)
@@ -58,6 +59,7 @@ class Block(nn.Module):
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     aux_loss: torch.Tensor  # scalar, mean over MoE layers (0 for a dense model)
+    device_aux_loss: torch.Tensor  # scalar, mean over MoE layers: the loss over groups of experts
     z_loss: torch.Tensor  # scalar, mean over MoE layers
     tokens_per_expert: torch.Tensor | None  # (L, E) routed assignments per MoE layer, detached
     dropped: torch.Tensor | None  # (L,) assignments dropped by capacity limits per MoE layer
@@ -122,10 +124,11 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(x))  # (B, T, V)
         if not all_stats:
             zero = logits.new_zeros((), dtype=torch.float32)
-            return ModelOutput(logits, zero, zero, None, None)
+            return ModelOutput(logits, zero, zero, zero, None, None)
         return ModelOutput(
             logits,
             aux_loss=torch.stack([s.aux_loss for s in all_stats]).mean(),
+            device_aux_loss=torch.stack([s.device_aux_loss for s in all_stats]).mean(),
             z_loss=torch.stack([s.z_loss for s in all_stats]).mean(),
             tokens_per_expert=torch.stack([s.tokens_per_expert for s in all_stats]),
             dropped=torch.tensor([s.dropped for s in all_stats], dtype=torch.float32),

@@ -163,16 +163,16 @@ class Trainer:
         data_time = time.perf_counter() - start_time
 
         self.model.train()
-        losses = torch.zeros(3, device=self.device)  # lm, aux, z summed over micro-batches
+        losses = torch.zeros(4, device=self.device)  # lm, aux, device aux, z summed over micro-batches
         tokens_per_expert = dropped = None
         for micro in batch.split(t.micro_batch_size):
             micro = micro.to(self.device, non_blocking=True)
             with self.autocast():
                 out = self.model(micro[:, :-1])
                 lm = lm_loss(out.logits, micro[:, 1:])
-            loss = lm + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.z_loss
-            self.engine.backward(loss)
-            losses += torch.stack([lm, out.aux_loss, out.z_loss]).detach()
+            router_losses = (out.aux_loss, out.device_aux_loss, out.z_loss)
+            self.engine.backward(self._objective(lm, *router_losses))
+            losses += torch.stack([lm, *router_losses]).detach()
             if out.tokens_per_expert is not None:
                 counts = out.tokens_per_expert.float()
                 drops = out.dropped.to(self.device)
@@ -185,16 +185,18 @@ class Trainer:
         self.progress.consumed_samples += t.global_batch_size
 
         losses = topo.all_reduce(losses / self.micro_batches_per_step) / topo.world_size
-        lm, aux, z = losses.tolist()
+        lm, aux, device_aux, z = losses.tolist()
         metrics = {
             "step": self.progress.step,
-            "loss": lm + moe.aux_loss_coef * aux + moe.z_loss_coef * z,
+            "loss": self._objective(lm, aux, device_aux, z),
             "lm_loss": lm,
             "aux_loss": aux,
             "z_loss": z,
             "lr": lr,
             "grad_norm": grad_norm,
         }
+        if moe.num_expert_groups > 1:
+            metrics["device_aux_loss"] = device_aux
         if self.progress.step == 1:  # this rank's optimizer memory, once (it does not change)
             for kind, num_bytes in self.engine.optimizer_state_bytes().items():
                 metrics[f"optimizer_{kind}_mb"] = num_bytes / 2**20
@@ -210,6 +212,11 @@ class Trainer:
         if self.peak_flops:
             metrics["mfu"] = self.size.flops_per_token * tokens_per_sec / (self.peak_flops * topo.world_size)
         return metrics
+
+    def _objective(self, lm, aux, device_aux, z):
+        """What the step minimises: the LM loss plus the weighted router losses (tensors or floats)."""
+        moe = self.config.model.moe
+        return lm + moe.aux_loss_coef * aux + moe.device_aux_loss_coef * device_aux + moe.z_loss_coef * z
 
     def _update_routing_bias(self, tokens_per_expert: torch.Tensor) -> None:
         """Auxiliary-loss-free balancing (model.moe.bias_update_rate > 0): each router's bias moves

@@ -64,7 +64,7 @@ def full_params(result_dir: Path, world: int, ep: int) -> dict[str, torch.Tensor
 def assert_same_run(metrics, params, ref_metrics, ref_params, rtol=1e-5):
     assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics]
     for m, ref in zip(metrics, ref_metrics):
-        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "val_loss"):
+        for key in ("loss", "lm_loss", "aux_loss", "device_aux_loss", "z_loss", "grad_norm", "val_loss"):
             if key in ref:
                 assert m[key] == pytest.approx(ref[key], rel=rtol), (m["step"], key)
         assert m["expert_load/layer_0"] == pytest.approx(ref["expert_load/layer_0"], abs=1e-5)
@@ -104,14 +104,23 @@ def test_capacity_that_drops_nothing_matches_dropless(tmp_path, reference_run):
     assert_same_run(metrics, params, *reference_run)
 
 
-def test_auxiliary_loss_free_balancing_matches_single_process(tmp_path):
+def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(tmp_path):
     """The routing bias moves from the global batch's counts: every rank moves it alike, and as one
-    process does."""
-    balancing = ("model.moe.bias_update_rate=0.01", "model.moe.aux_loss_coef=0")
+    process does. The device-level loss over two groups of experts (one per rank at ep=2) is the
+    same on one process, where both groups are on the same device."""
+    balancing = (
+        "model.moe.bias_update_rate=0.01",
+        "model.moe.aux_loss_coef=0",
+        "model.moe.num_expert_groups=2",
+        "model.moe.device_aux_loss_coef=0.1",
+    )
     single = train_run(tmp_path, "single", 1, 1, *balancing)
     metrics, params = train_run(tmp_path, "ep2", 2, 2, *balancing)
     assert_same_run(metrics, params, *single)
     assert params["layers.0.ffn.router.expert_bias"].abs().sum() > 0
+    for m in metrics:  # one group would give 1.0; the objective weighs it by its coefficient
+        assert m["device_aux_loss"] != 1.0
+        assert m["loss"] == pytest.approx(m["lm_loss"] + 0.1 * m["device_aux_loss"] + 0.001 * m["z_loss"])
 
 
 def test_checkpoint_written_at_ep2_resumes_at_ep1_and_ep4(tmp_path, reference_run):

@@ -99,6 +99,15 @@ def test_bad_values_name_the_key(build, message):
         (["model.moe.top_k=3", "model=dense_tiny"], None),  # dense: top_k unused
         (["data=indexed", "data.prefixes=[web/web]"], None),  # its seq_len fits the default preset
         (["model=mixtral_tiny", "model.moe.top_k=9"], "model.moe.top_k=9 must be between"),
+        (
+            ["model=mixtral_tiny", "model.moe.num_expert_groups=3"],
+            "model.moe.num_expert_groups=3 must be >= 1 and divide model.moe.num_experts=8",
+        ),
+        (
+            ["model=mixtral_tiny", "parallel.ep=4", "model.moe.device_aux_loss_coef=0.05"],
+            "model.moe.device_aux_loss_coef=0.05 balances groups of experts, but model.moe.num_expert_groups=1",
+        ),
+        (["model=deepseekmoe_145b", "parallel.ep=8"], None),  # its groups follow parallel.ep
     ],
 )
 def test_composed_overrides(overrides, message):

@@ -343,6 +343,53 @@ def test_load_balancing_loss_hand_computed():
     assert load_balancing_loss(uniform, torch.tensor([4, 4, 4, 4]), top_k=2).item() == pytest.approx(1.0)
 
 
+def test_device_level_loss_hand_computed():
+    # 2 tokens, 4 experts in 2 groups {0, 1} {2, 3}, top-2: token 0 -> experts 0, 1; token 1 -> 0, 2
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1]], requires_grad=True)
+    counts = torch.tensor([2, 1, 1, 0])
+    # f_e = E * count / (N * k) = [2, 1, 1, 0], P = [0.45, 0.2, 0.25, 0.1]
+    # groups: f' = [1.5, 0.5] (means), P' = [0.65, 0.35] (sums): 1.5 * 0.65 + 0.5 * 0.35 = 1.15
+    loss = load_balancing_loss(probs, counts, top_k=2, num_groups=2)
+    assert loss.item() == pytest.approx(1.15)
+    # the gradient of each probability is its group's f' / N: the same for all experts of a group
+    (grad,) = torch.autograd.grad(loss, probs)
+    torch.testing.assert_close(grad, torch.tensor([[0.75, 0.75, 0.25, 0.25]] * 2))
+    # one expert per group is the expert-level loss: 2 * 0.45 + 0.2 + 0.25 = 1.35
+    assert load_balancing_loss(probs, counts, 2, num_groups=4).item() == pytest.approx(1.35)
+    assert load_balancing_loss(probs, counts, 2).item() == pytest.approx(1.35)
+    # balanced groups of unbalanced experts: 1.0, where the expert-level loss gives 2.0
+    skewed = torch.tensor([[0.5, 0.0, 0.0, 0.5]] * 2)
+    assert load_balancing_loss(skewed, torch.tensor([2, 0, 0, 2]), 2, num_groups=2).item() == 1.0
+    assert load_balancing_loss(skewed, torch.tensor([2, 0, 0, 2]), 2).item() == 2.0
+
+
+def test_device_level_loss_balances_the_groups_not_the_experts_inside_them():
+    """A router whose first two experts (both in the first of two groups) have 8x larger gate
+    weights, trained on one balance loss alone: the device-level loss evens out the two groups'
+    loads and leaves the experts inside them uneven; the expert-level loss evens out both."""
+
+    def train(num_groups):
+        torch.manual_seed(0)
+        router = TopKRouter(16, 8, 2, renormalize=True)
+        with torch.no_grad():
+            router.gate.weight[:2] *= 8
+        x = torch.randn(1024, 16)
+        optimizer = torch.optim.Adam(router.parameters(), lr=0.05)
+        for _ in range(100):
+            routing = router(x)
+            counts = torch.bincount(routing.experts.flatten(), minlength=8)
+            optimizer.zero_grad()
+            load_balancing_loss(routing.probs, counts, 2, num_groups).backward()
+            optimizer.step()
+        counts = torch.bincount(router(x).experts.flatten(), minlength=8).float()
+        groups = counts.view(2, 4).sum(dim=1)
+        return (groups.max() / groups.mean()).item(), (counts.max() / counts.mean()).item()
+
+    groups_imbalance, experts_imbalance = train(num_groups=2)  # the groups start at 1.29
+    assert groups_imbalance < 1.05 and experts_imbalance > 1.4
+    assert max(train(num_groups=None)) < 1.05
+
+
 def test_z_loss_hand_computed():
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
     # logsumexp: log 2 and log 4
