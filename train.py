@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=4 train.py parallel.ep=4
 
 Composes conf/ with the command line (Hydra), turns it into the typed Config once, trains.
-A configuration mistake prints one line naming the key and exits with code 2.
+A configuration mistake prints one line naming the key and exits with code 2; a run whose loss or
+gradient norm stops being finite prints one line and exits with code 1, before saving anything.
 """
 
 import logging
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 from moe_train.config import ConfigError
 from moe_train.tools.cli import exit_on_config_error
 from moe_train.tools.hydra_config import apply_init_from, compose_config, register_schema, to_config
-from moe_train.train.trainer import run
+from moe_train.train.trainer import Diverged, run
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
@@ -29,6 +30,10 @@ def main(cfg: DictConfig) -> None:
         run(config)
     except ConfigError as e:
         exit_on_config_error(e)
+    except Diverged as e:  # every rank stops at the same step: one of them says why
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def preflight(argv: list[str]) -> None:

@@ -7,6 +7,7 @@ and the state a checkpoint folder holds. The Trainer drives either the same way.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -40,14 +41,16 @@ class NativeEngine:
         (loss / self.micro_batches).backward()
 
     def step(self, lr: float) -> float:
-        """Reduce, clip, step; returns the gradient norm before clipping."""
+        """Reduce, clip, step; returns the gradient norm before clipping. A norm that is not finite
+        (the trainer then stops the run) leaves the weights and Adam's moments as they were."""
         self.grad_sync.reduce()
-        norm = self.grad_sync.clip(self.grad_clip)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        norm = self.grad_sync.clip(self.grad_clip).item()
+        if math.isfinite(norm):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.item()
+        return norm
 
     def optimizer_state_bytes(self) -> dict[str, int]:
         """This rank's optimizer memory, from its tensors: Adam's moments (the parameters themselves

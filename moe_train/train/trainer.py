@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from moe_train.train.metrics import peak_flops
 from moe_train.train.optim import lr_at
 
 log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    """A step's loss or gradient norm was not finite: the run stops before anything is saved."""
 
 
 def batch_layout(t: TrainerConfig, ranks: int) -> TrainerConfig:
@@ -181,11 +186,12 @@ class Trainer:
 
         lr = lr_at(self.progress.step, self.config.optim, t.max_steps)
         grad_norm = self.engine.step(lr)
+        losses = topo.all_reduce(losses / self.micro_batches_per_step) / topo.world_size
+        lm, aux, device_aux, z = losses.tolist()
+        self._stop_if_diverged(grad_norm, lm, aux, device_aux, z)
         self.progress.step += 1
         self.progress.consumed_samples += t.global_batch_size
 
-        losses = topo.all_reduce(losses / self.micro_batches_per_step) / topo.world_size
-        lm, aux, device_aux, z = losses.tolist()
         metrics = {
             "step": self.progress.step,
             "loss": self._objective(lm, aux, device_aux, z),
@@ -212,6 +218,19 @@ class Trainer:
         if self.peak_flops:
             metrics["mfu"] = self.size.flops_per_token * tokens_per_sec / (self.peak_flops * topo.world_size)
         return metrics
+
+    def _stop_if_diverged(self, grad_norm: float, *losses: float) -> None:
+        """Every rank sees the same global norm and reduced losses, so all stop together, before
+        the callbacks could save the damage (the native engine has not applied it either)."""
+        if all(map(math.isfinite, (grad_norm, *losses))):
+            return
+        latest = self.checkpointer.latest()
+        raise Diverged(
+            f"step {self.progress.step + 1} diverged: loss {self._objective(*losses):.4g}, gradient norm "
+            f"{grad_norm:.4g}. Stopped before saving it; the newest checkpoint is "
+            f"{latest if latest is not None else 'none (nothing was saved)'}: resume from it with a lower "
+            "optim.lr, a longer optim.warmup_steps or optim.grad_clip > 0"
+        )
 
     def _objective(self, lm, aux, device_aux, z):
         """What the step minimises: the LM loss plus the weighted router losses (tensors or floats)."""

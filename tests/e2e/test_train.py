@@ -11,10 +11,11 @@ import torch
 
 from moe_train.config import ConfigError
 from moe_train.parallel.spawn import free_port
+from moe_train.parallel.topology import Topology
 from moe_train.tools.hydra_config import compose_config
 from moe_train.train.checkpoint import load_config, load_model
 from moe_train.train.metrics import read_metrics
-from moe_train.train.trainer import run
+from moe_train.train.trainer import Diverged, Trainer, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,6 +161,38 @@ def test_cli_bad_input_one_line_exit_2(args, message, tmp_path):
     assert result.stderr.strip().startswith(message)
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "checkpoints").exists()
+
+
+DIVERGING = ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", "trainer.ckpt_every=1"]
+
+
+def test_a_diverging_run_stops_before_saving_and_leaves_the_weights(tmp_path, tiny_overrides):
+    """Step 1's update (lr 1e30) makes step 2's loss and gradients overflow: the run stops there,
+    its checkpoint at step 1 the newest, and the native engine does not apply the step."""
+    config = compose_config([*tiny_overrides, *DIVERGING, "trainer.eval_every=0"])
+    topology = Topology.setup(config.parallel, "cpu")
+    try:
+        trainer = Trainer(config, topology)
+        with pytest.raises(
+            Diverged, match=r"^step 2 diverged: .* newest checkpoint is .*step_00000001: resume"
+        ):
+            trainer.fit()
+    finally:
+        topology.close()
+    run_dir = tmp_path / "run"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]
+    assert [m["step"] for m in read_metrics(run_dir)] == [1]
+    _, saved = load_model(run_dir / "checkpoints" / "step_00000001")
+    for name, value in saved.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name
+
+
+def test_cli_diverging_run_one_line_exit_1(tmp_path, tiny_overrides):
+    result = cli(*tiny_overrides, *DIVERGING, "engine=deepspeed")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: step 2 diverged: loss ")
+    assert "Traceback" not in result.stderr
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001"]
 
 
 def torchrun(*args):
