@@ -202,7 +202,16 @@ def deepspeed_moe(layer: MoE, dim, hidden, experts, top_k, device):
 
 
 def megatron_moe(
-    layer: MoE, dim, hidden, experts, top_k, shared, device, aux_loss_coef=1e-2, z_loss_coef=1e-3
+    layer: MoE,
+    dim,
+    hidden,
+    experts,
+    top_k,
+    shared,
+    device,
+    aux_loss_coef=1e-2,
+    z_loss_coef=1e-3,
+    score_function="softmax",
 ):
     """megatron-core's MoELayer with our router, expert and shared-expert weights, dropless.
 
@@ -239,6 +248,7 @@ def megatron_moe(
         moe_grouped_gemm=moe_utils.HAVE_TE,  # with TE, its fused kernels too, as its own recipes
         moe_permute_fusion=moe_utils.HAVE_TE,
         moe_router_fusion=moe_utils.HAVE_TE,
+        moe_router_score_function=score_function,  # sigmoid: top-k scores always renormalised
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=aux_loss_coef,
         moe_z_loss_coeff=z_loss_coef,

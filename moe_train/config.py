@@ -37,8 +37,11 @@ class MoEConfig:
     """The first k layers keep a dense FFN (DeepSeekMoE uses 1)."""
     every_n_layers: int = 1
     """Layer i (i >= first_k_dense) is MoE when i % every_n_layers == 0 (Switch/GShard use 2)."""
+    score_function: str = "softmax"
+    """The router's score per expert: `softmax` over the experts (Mixtral, DBRX, DeepSeekMoE) or
+    `sigmoid`, each expert's own (DeepSeek-V3, usually with renormalize and bias_update_rate)."""
     renormalize: bool = True
-    """Rescale the top-k router probabilities to sum to 1 (Mixtral: yes, DeepSeekMoE: no)."""
+    """Rescale the top-k router scores to sum to 1 (Mixtral: yes, DeepSeekMoE: no)."""
     aux_loss_coef: float = 0.01
     """Weight of the Switch/GShard load-balancing loss (mean over MoE layers; 1.0 when balanced)."""
     num_expert_groups: int = 1
@@ -58,10 +61,11 @@ class MoEConfig:
     num_experts) tokens per micro-batch and rank; the rest of its assignments are dropped."""
     bias_update_rate: float = 0.0
     """Auxiliary-loss-free load balancing (DeepSeek-V3): above 0, a per-expert bias is added to the
-    router probabilities for the top-k choice only (the combine weights stay the probabilities),
+    router scores for the top-k choice only (the combine weights stay the scores),
     and after each optimizer step it moves by this much toward balance: up for the experts that got
     fewer than the mean share of the global batch's assignments, down for those that got more.
-    Usually with a small or zero aux_loss_coef. 0: off."""
+    Usually with a small or zero aux_loss_coef, and with score_function=sigmoid as in DeepSeek-V3
+    (Megatron-Core allows it only there; here it works on softmax scores too). 0: off."""
 
     def __post_init__(self) -> None:
         _check(self.num_experts >= 0, f"model.moe.num_experts={self.num_experts} must be >= 0")
@@ -83,6 +87,7 @@ class MoEConfig:
             self.expert_hidden_dim is None or self.expert_hidden_dim > 0,
             f"model.moe.expert_hidden_dim={self.expert_hidden_dim} must be > 0",
         )
+        _one_of("model.moe.score_function", self.score_function, ("softmax", "sigmoid"))
         _check(self.first_k_dense >= 0, f"model.moe.first_k_dense={self.first_k_dense} must be >= 0")
         _check(self.every_n_layers >= 1, f"model.moe.every_n_layers={self.every_n_layers} must be >= 1")
         _check(self.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={self.aux_loss_coef} must be >= 0")

@@ -29,36 +29,49 @@ class Routing:
     """One MoE layer's routing decision for N tokens."""
 
     logits: torch.Tensor  # (N, E) fp32
-    probs: torch.Tensor  # (N, E) fp32 softmax
+    probs: torch.Tensor  # (N, E) fp32, each row sums to 1: the softmax, or the sigmoid scores normalised
     experts: torch.Tensor  # (N, k) int64 expert ids
     weights: torch.Tensor  # (N, k) fp32 combine weights
 
 
 class TopKRouter(nn.Module):
-    """Linear gate, softmax over all experts, top-k, optional renormalisation of the top-k weights.
+    """Linear gate, a score per expert, top-k, optional renormalisation of the top-k weights.
 
-    With expert_bias (auxiliary-loss-free balancing), the top-k is taken over probs + bias while the
-    weights are the chosen experts' probabilities: the bias steers which experts a token goes to,
-    not how much each contributes (DeepSeek-V3). The trainer moves it between steps (update_bias)."""
+    Scores: softmax over the experts (Mixtral, DeepSeekMoE), or an independent sigmoid per expert
+    (DeepSeek-V3); the load-balancing losses see the sigmoid scores normalised to sum to 1, as
+    Megatron-Core's. With expert_bias (auxiliary-loss-free balancing), the top-k is taken over
+    scores + bias while the weights are the chosen experts' scores: the bias steers which experts a
+    token goes to, not how much each contributes (DeepSeek-V3). The trainer moves it between steps
+    (update_bias)."""
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool, expert_bias: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool,
+        expert_bias: bool = False,
+        score_function: str = "softmax",
+    ):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.top_k = top_k
         self.renormalize = renormalize
+        self.sigmoid = score_function == "sigmoid"
         # a buffer: checkpointed with the model, never seen by the optimizer
         self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.gate(x).float()  # (N, E): routing in fp32 even under autocast
-        probs = logits.softmax(dim=-1)
+        scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)  # (N, E)
         if self.expert_bias is None:
-            weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+            weights, experts = scores.topk(self.top_k, dim=-1)  # (N, k)
         else:
-            experts = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
-            weights = probs.gather(-1, experts)
+            experts = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
+            weights = scores.gather(-1, experts)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        probs = scores / scores.sum(dim=-1, keepdim=True) if self.sigmoid else scores
         return Routing(logits, probs, experts, weights)
 
     @torch.no_grad()
@@ -366,12 +379,13 @@ class MoE(nn.Module):
         capacity_factor: float | None = None,
         expert_bias: bool = False,
         num_expert_groups: int = 1,
+        score_function: str = "softmax",
     ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.num_expert_groups = num_expert_groups
-        self.router = TopKRouter(dim, num_experts, top_k, renormalize, expert_bias)
+        self.router = TopKRouter(dim, num_experts, top_k, renormalize, expert_bias, score_function)
         self.experts = GroupedExperts(num_experts, dim, hidden_dim)
         # k shared SwiGLU experts of hidden F are exactly one SwiGLU of hidden k * F.
         self.shared_experts = (

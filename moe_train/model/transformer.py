@@ -37,6 +37,7 @@ class Block(nn.Module):
                 moe.capacity_factor,
                 expert_bias=moe.bias_update_rate > 0,
                 num_expert_groups=moe.num_expert_groups,
+                score_function=moe.score_function,
             )
         else:
             self.ffn = FeedForward(config.dim, config.ffn_hidden_dim)

@@ -167,6 +167,11 @@ def hf_config(config: ModelConfig):
 
 def to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> HF tensors (Hub key layout), all contiguous."""
+    if config.moe.score_function != "softmax":
+        raise ConfigError(
+            f"model.moe.score_function={config.moe.score_function}: Mixtral and Qwen2-MoE route with a "
+            "softmax over the experts"
+        )
     for key, value in state.items():
         if key.endswith("router.expert_bias") and torch.count_nonzero(value):
             raise ConfigError(

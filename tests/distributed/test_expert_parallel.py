@@ -105,10 +105,12 @@ def test_capacity_that_drops_nothing_matches_dropless(tmp_path, reference_run):
 
 
 def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(tmp_path):
-    """The routing bias moves from the global batch's counts: every rank moves it alike, and as one
-    process does. The device-level loss over two groups of experts (one per rank at ep=2) is the
-    same on one process, where both groups are on the same device."""
+    """DeepSeek's balancing, on sigmoid scores. The routing bias moves from the global batch's
+    counts: every rank moves it alike, and as one process does. The device-level loss over two
+    groups of experts (one per rank at ep=2) is the same on one process, where both groups are on
+    the same device."""
     balancing = (
+        "model.moe.score_function=sigmoid",
         "model.moe.bias_update_rate=0.01",
         "model.moe.aux_loss_coef=0",
         "model.moe.num_expert_groups=2",

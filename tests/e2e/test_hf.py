@@ -139,6 +139,13 @@ def test_export_refuses_an_existing_folder(tmp_path):
         export(run_dir, tmp_path / "taken")
 
 
+def test_export_refuses_sigmoid_routing(tmp_path):
+    run_dir = trained(tmp_path, "model.moe.score_function=sigmoid")
+    with pytest.raises(ConfigError, match="^model.moe.score_function=sigmoid: Mixtral and Qwen2-MoE route"):
+        export(run_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 # ---- growing a model: sparse upcycling and depth up-scaling ----
 
 

@@ -21,22 +21,33 @@ from moe_train.model.moe import (
 )
 
 
-def make_moe(num_experts=8, top_k=2, shared=0, renormalize=True, capacity_factor=None, dim=16, hidden=24):
+def make_moe(
+    num_experts=8,
+    top_k=2,
+    shared=0,
+    renormalize=True,
+    capacity_factor=None,
+    dim=16,
+    hidden=24,
+    score="softmax",
+):
     torch.manual_seed(0)
-    moe = MoE(dim, hidden, num_experts, top_k, shared, renormalize, capacity_factor)
+    moe = MoE(dim, hidden, num_experts, top_k, shared, renormalize, capacity_factor, score_function=score)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return moe
 
 
 def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
-    """One token at a time: softmax, top-k, (renormalise), weighted sum of the chosen experts."""
+    """One token at a time: softmax (or sigmoid), top-k, (renormalise), weighted sum of the chosen
+    experts."""
     experts = moe.experts
     out = []
     taken = [0] * moe.num_experts
     for t in range(x.shape[0]):
         xt = x[t]
-        probs = (moe.router.gate.weight @ xt).softmax(-1)
+        logits = moe.router.gate.weight @ xt
+        probs = logits.sigmoid() if moe.router.sigmoid else logits.softmax(-1)
         weights, ids = probs.topk(moe.top_k)
         if moe.router.renormalize:
             weights = weights / weights.sum()
@@ -55,11 +66,19 @@ def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.T
 
 
 @pytest.mark.parametrize(
-    "num_experts,top_k,shared,renormalize",
-    [(8, 2, 0, True), (16, 4, 0, True), (16, 4, 2, False), (4, 1, 0, False), (4, 4, 1, True)],
+    "num_experts,top_k,shared,renormalize,score",
+    [
+        (8, 2, 0, True, "softmax"),
+        (16, 4, 0, True, "softmax"),
+        (16, 4, 2, False, "softmax"),
+        (4, 1, 0, False, "softmax"),
+        (4, 4, 1, True, "softmax"),
+        (8, 2, 0, True, "sigmoid"),
+        (16, 4, 2, False, "sigmoid"),
+    ],
 )
-def test_moe_matches_naive_reference_outputs_and_gradients(num_experts, top_k, shared, renormalize):
-    moe = make_moe(num_experts, top_k, shared, renormalize)
+def test_moe_matches_naive_reference_outputs_and_gradients(num_experts, top_k, shared, renormalize, score):
+    moe = make_moe(num_experts, top_k, shared, renormalize, score=score)
     x = torch.randn(2, 13, 16)
     x_ref = x.clone().requires_grad_()
     x.requires_grad_()
@@ -77,18 +96,21 @@ def test_moe_matches_naive_reference_outputs_and_gradients(num_experts, top_k, s
     assert stats.dropped == 0
 
 
-@pytest.mark.parametrize("num_experts,top_k,shared", [(8, 2, 0), (16, 4, 2)])
-def test_moe_matches_megatron_core_layer(num_experts, top_k, shared):
+@pytest.mark.parametrize(
+    "num_experts,top_k,shared,score", [(8, 2, 0, "softmax"), (16, 4, 2, "softmax"), (16, 4, 2, "sigmoid")]
+)
+def test_moe_matches_megatron_core_layer(num_experts, top_k, shared, score):
     """megatron-core's MoELayer holding our weights (as bench.moe_layer builds it) is an independent
     implementation of the same layer: its output and every gradient agree with ours, the router's
-    included, through the load-balancing and z losses at Megatron's normalisation."""
+    included, through the load-balancing and z losses at Megatron's normalisation (for sigmoid
+    scores: normalised to sum to 1 per token)."""
     from bench.moe_layer import megatron_moe, world_of_one
 
     aux_coef, z_coef = 0.5, 0.1  # large, so a loss normalised otherwise shows in the router's gradient
-    moe = make_moe(num_experts, top_k, shared)
+    moe = make_moe(num_experts, top_k, shared, score=score)
     x = torch.randn(26, 16, requires_grad=True)
     with world_of_one(wanted=("megatron",)):
-        block = megatron_moe(moe, 16, 24, num_experts, top_k, shared, x.device, aux_coef, z_coef)
+        block = megatron_moe(moe, 16, 24, num_experts, top_k, shared, x.device, aux_coef, z_coef, score)
         x_ref = x.detach().clone().requires_grad_()
         ref = block(x_ref.view(26, 1, 16))[0].view(26, 16)  # sequence-first
         grad_out = torch.randn(26, 16)
@@ -138,18 +160,32 @@ def test_expert_bias_picks_the_experts_but_the_weights_stay_the_probabilities():
     torch.testing.assert_close(routing.weights, routing.probs.gather(-1, routing.experts))
 
 
+def test_sigmoid_scores_by_hand():
+    router = TopKRouter(2, 4, 2, renormalize=False, score_function="sigmoid")
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, 0.0]]))
+    routing = router(torch.tensor([[2.0, 1.0]]))  # logits 2, 1, -2, 0
+    s = torch.sigmoid(torch.tensor([2.0, 1.0, -2.0, 0.0]))
+    assert routing.experts.tolist() == [[0, 1]]
+    torch.testing.assert_close(routing.weights, s[:2].unsqueeze(0))  # each expert's own score
+    torch.testing.assert_close(routing.probs, (s / s.sum()).unsqueeze(0))  # what the balance losses see
+    router.renormalize = True
+    torch.testing.assert_close(router(torch.tensor([[2.0, 1.0]])).weights, (s[:2] / s[:2].sum()).unsqueeze(0))
+
+
 def test_expert_bias_update_by_hand():
     router = TopKRouter(4, 4, 1, renormalize=True, expert_bias=True)
     router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]), rate=0.1)  # mean 5
     torch.testing.assert_close(router.expert_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
 
 
-def test_expert_bias_balances_a_skewed_router():
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_expert_bias_balances_a_skewed_router(score):
     """A router whose first two experts have 8x larger gate weights, so they take most tokens; the
     bias alone, moved from each batch's counts, brings the load near balance (the gate is never
     trained here)."""
     torch.manual_seed(0)
-    router = TopKRouter(16, 8, 2, renormalize=True, expert_bias=True)
+    router = TopKRouter(16, 8, 2, renormalize=True, expert_bias=True, score_function=score)
     with torch.no_grad():
         router.gate.weight[:2] *= 8
     x = torch.randn(1024, 16)
