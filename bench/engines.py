@@ -8,7 +8,10 @@ optimizer memory per rank, and the checkpoint's save and load time and size, on 
 Optimizer memory is measured from each rank's optimizer tensors (Adam's moments; for ZeRO also the
 fp32 master copy of the rank's partition), not estimated. Step time: median over the timed steps.
 Checkpoint: after the timed steps, median of 3 saves (Checkpointer.save: every rank's shards,
-config.yaml, the rename) and of 3 loads of it; its size on disk.
+config.yaml, the rename) and of 3 loads of it; its size on disk. In the background
+(trainer.async_checkpoint): bg_stall_s, how long save() holds training (the copy into host memory),
+and bg_step_s, the mean time of the 3 steps that run while the files are written (including the
+wait for the write at the end, if it is still going), to compare with step_s.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ ENGINES = {
 def worker(rank: int, overrides: list[str], warmup: int, steps: int, result_dir: str) -> None:
     from moe_train.parallel.topology import Topology
     from moe_train.tools.hydra_config import compose_config
+    from moe_train.train.checkpoint import Checkpointer
     from moe_train.train.trainer import Trainer
 
     config = compose_config(overrides)
@@ -50,8 +54,23 @@ def worker(rank: int, overrides: list[str], warmup: int, steps: int, result_dir:
         start = time.perf_counter()
         trainer.checkpointer.load(path, trainer.engine)
         loads.append(time.perf_counter() - start)
+    # in the background (trainer.async_checkpoint): how long save() holds training, and how much
+    # slower the next steps run while the files are written
+    background = Checkpointer(Path(result_dir, "background"), trainer.topology, 1, background=True)
+    stalls, overlapped = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        background.save(config, trainer.engine, trainer.progress)
+        stalls.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(3):
+            trainer.train_step()
+        background.finish()
+        overlapped.append((time.perf_counter() - start) / 3)
     result = {
         "save_s": statistics.median(saves),
+        "bg_stall_s": statistics.median(stalls),
+        "bg_step_s": statistics.median(overlapped),
         "load_s": statistics.median(loads),
         "ckpt_mb": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20,
         "step_s": statistics.median(m["step_time"] for m in timed),
@@ -102,6 +121,8 @@ def main() -> None:
                     "master_mb_per_rank": max(r["optimizer_master_weights_mb"] for r in ranks),
                     "loss_last": ranks[0]["loss_last"],
                     "save_s": max(r["save_s"] for r in ranks),
+                    "bg_stall_s": max(r["bg_stall_s"] for r in ranks),
+                    "bg_step_s": statistics.mean(r["bg_step_s"] for r in ranks),
                     "load_s": max(r["load_s"] for r in ranks),
                     "ckpt_mb": ranks[0]["ckpt_mb"],
                 }

@@ -318,6 +318,10 @@ class TrainerConfig:
     """Checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_last: int = 2
     """Complete checkpoints kept in out_dir/checkpoints; older ones are deleted."""
+    async_checkpoint: bool = False
+    """Write checkpoints in the background: a save stops training only while the state is copied
+    into host memory (as much again as the checkpoint), and its folder becomes complete (renamed)
+    once every rank's files are written, by the next save or the end of the run at the latest."""
     exit_after_steps: int | None = None
     """Stop after this many steps in this invocation, with a checkpoint (the schedule still follows
     max_steps); for schedulers' time slots."""

@@ -83,6 +83,8 @@ class Topology:
     ep: int
     device: torch.device
     mesh: DeviceMesh | None  # None for a single process
+    timeout: timedelta = timedelta(minutes=5)  # of every collective (parallel.timeout_minutes)
+    _background_group: dist.ProcessGroup | None = None
 
     @classmethod
     def setup(cls, config: ParallelConfig, device_kind: str = "auto") -> Topology:
@@ -111,7 +113,9 @@ class Topology:
             mesh = init_device_mesh(
                 device.type, (world_size // config.ep, config.ep), mesh_dim_names=("edp", "ep")
             )
-        return cls(world_size, rank, local_rank, config.ep, device, mesh)
+        return cls(
+            world_size, rank, local_rank, config.ep, device, mesh, timedelta(minutes=config.timeout_minutes)
+        )
 
     @property
     def is_main(self) -> bool:
@@ -151,6 +155,16 @@ class Topology:
         if self.distributed:
             with named_collective(what):
                 dist.barrier()
+
+    def background_group(self) -> dist.ProcessGroup | None:
+        """A gloo group of the whole world for the collectives of a background thread (checkpoint
+        writes), so that they never interleave with the training's own on the default group; None
+        without a process group. Every rank makes the first call at the same point: it creates it."""
+        if not dist.is_initialized():
+            return None
+        if self._background_group is None:
+            self._background_group = dist.new_group(backend="gloo", timeout=self.timeout)
+        return self._background_group
 
     def close(self) -> None:
         if dist.is_initialized():  # also the world of one engine=deepspeed makes on one process

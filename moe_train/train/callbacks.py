@@ -91,13 +91,19 @@ class ProgressBar(Callback):
 
 
 class SaveCheckpoints(Callback):
+    """Every trainer.ckpt_every steps and at the end. A save in the background (trainer.
+    async_checkpoint) is completed by the next one, by the end of the run, or, if an error stops
+    the run, as far as it can be without the other ranks."""
+
     def on_fit_start(self, trainer):
         self.saved_step = trainer.progress.step
+        self.checkpointer = trainer.checkpointer
 
     def _save(self, trainer):
-        path = trainer.checkpointer.save(trainer.config, trainer.engine, trainer.progress)
+        self._finish(all_ranks=True)  # the previous one, if still in flight
+        path = self.checkpointer.save(trainer.config, trainer.engine, trainer.progress)
         self.saved_step = trainer.progress.step
-        log.info("saved %s", path)
+        log.info("writing %s in the background" if self.checkpointer.background else "saved %s", path)
 
     def on_step_end(self, trainer, metrics):
         if _due(metrics["step"], trainer.config.trainer.ckpt_every, trainer):
@@ -106,6 +112,15 @@ class SaveCheckpoints(Callback):
     def on_fit_end(self, trainer):
         if self.saved_step != trainer.progress.step:  # an early exit
             self._save(trainer)
+        self._finish(all_ranks=True)
+
+    def close(self):
+        self._finish(all_ranks=False)  # a no-op after on_fit_end
+
+    def _finish(self, all_ranks: bool):
+        path = self.checkpointer.finish(all_ranks)
+        if path is not None and self.checkpointer.background:
+            log.info("saved %s", path)
 
 
 class EarlyExit(Callback):

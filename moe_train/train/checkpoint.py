@@ -14,9 +14,11 @@ the engine that wrote it (config.yaml says which).
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +26,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.tensor import DTensor
 
 from moe_train.config import Config, ConfigError
 from moe_train.parallel.expert_parallel import expert_shards_to_dtensors
 from moe_train.parallel.topology import Topology
 
+log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -59,9 +65,60 @@ def load_config(checkpoint: str | Path) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(checkpoint / "config.yaml")))
 
 
-def dcp_save(state: dict, path: Path, topology: Topology) -> None:
-    """Save `state` with DCP, each rank its own shards, expert shards presented as DTensors."""
-    dcp.save(expert_shards_to_dtensors(state, topology), checkpoint_id=path, no_dist=not topology.distributed)
+def dcp_save(state: dict, path: Path, topology: Topology, background: bool = False) -> Future | None:
+    """Save `state` with DCP, each rank its own shards, expert shards presented as DTensors.
+
+    background: copy the state into host memory, then return a Future that a background thread
+    completes once the files are written (DCP's async_save; its collectives run on a group of
+    their own). On rank 0 that also means every rank's files and the metadata are written."""
+    state = expert_shards_to_dtensors(state, topology)
+    no_dist = not topology.distributed
+    if not background:
+        dcp.save(state, checkpoint_id=path, no_dist=no_dist)
+        return None
+    return dcp.async_save(
+        _host_copy(state),
+        checkpoint_id=path,
+        process_group=topology.background_group(),
+        async_stager=_AlreadyStaged(),
+        no_dist=no_dist,
+    )
+
+
+def _host_copy(value):
+    """A copy in host memory of a state dict that training goes on changing, keeping each tensor's
+    kind: DTensors (expert shards) and ShardedTensors (ZeRO's fragments) around copied local data.
+    Ours rather than DCP's own stager, which cannot copy DeepSpeed's fragments."""
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    if isinstance(value, DTensor):
+        local = _host_copy(value.to_local())
+        return DTensor.from_local(
+            local, value.device_mesh, value.placements, shape=value.shape, stride=value.stride()
+        )
+    if isinstance(value, ShardedTensor):
+        shards = [Shard(_host_copy(s.tensor), s.metadata) for s in value.local_shards()]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, value.metadata())
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    return value
+
+
+class _AlreadyStaged(AsyncStager):
+    """async_save's stager for a state dict _host_copy made: nothing left to do."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
@@ -153,10 +210,14 @@ def _reason(error: BaseException) -> str:
 
 
 class Checkpointer:
-    def __init__(self, out_dir: str | Path, topology: Topology, keep_last: int):
+    def __init__(self, out_dir: str | Path, topology: Topology, keep_last: int, background: bool = False):
         self.dir = Path(out_dir) / "checkpoints"
         self.topology = topology
         self.keep_last = keep_last
+        self.background = background
+        self._in_flight: tuple[Future | None, Path, str] | None = None  # a save not yet complete
+        if background:
+            topology.background_group()  # created now, by every rank at once
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -177,7 +238,11 @@ class Checkpointer:
         self.topology.barrier()
 
     def save(self, config: Config, engine, progress: Progress) -> Path:
-        """All ranks: the engine writes its state into step_X.tmp; rank 0 adds config.yaml, renames."""
+        """All ranks: the engine writes its state into step_X.tmp, and once every rank's files are
+        written rank 0 adds config.yaml and renames it step_X. In the background (trainer.
+        async_checkpoint) this returns after the state is copied, and finish() completes it: the
+        next save, or the end of the run."""
+        self.finish()
         topo = self.topology
         final = self.dir / f"step_{progress.step:08d}"
         tmp = final.with_name(final.name + ".tmp")
@@ -185,18 +250,43 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         topo.barrier("barrier (checkpoint start)")
-        engine.save(tmp, _progress_state(progress))
-        topo.barrier("barrier (checkpoint shards written)")
-        if topo.is_main:
-            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-            old = final.with_name(final.name + ".old")
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-            for stale in self.complete()[: -self.keep_last]:
-                shutil.rmtree(stale, ignore_errors=True)
-        topo.barrier("barrier (checkpoint renamed)")
+        written = engine.save(tmp, _progress_state(progress), self.background)
+        self._in_flight = (written, final, OmegaConf.to_yaml(OmegaConf.structured(config)))
+        if not self.background:
+            self.finish()
+        return final
+
+    def finish(self, all_ranks: bool = True) -> Path | None:
+        """Complete the save in flight, if any, and return its folder: wait until this rank's files
+        are written (on rank 0: every rank's, DCP's metadata last), then rank 0 writes config.yaml,
+        renames and prunes. all_ranks=False (a run stopped by an error, where another rank may be
+        gone): no barrier, and a failed write is logged, its .tmp folder left for the next run to
+        delete."""
+        if self._in_flight is None:
+            return None
+        written, final, config_yaml = self._in_flight
+        self._in_flight = None
+        tmp = final.with_name(final.name + ".tmp")
+        topo = self.topology
+        try:
+            if written is not None:
+                written.result()
+            if topo.is_main:
+                (tmp / "config.yaml").write_text(config_yaml)
+                old = final.with_name(final.name + ".old")
+                if final.exists():
+                    final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+                for stale in self.complete()[: -self.keep_last]:
+                    shutil.rmtree(stale, ignore_errors=True)
+        except Exception as e:
+            if all_ranks:
+                raise
+            log.warning("the checkpoint %s was not completed: %s", final.name, e)
+            return None
+        if all_ranks:
+            topo.barrier("barrier (checkpoint renamed)")
         return final
 
     def load(self, path: Path, engine) -> Progress:

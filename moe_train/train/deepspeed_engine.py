@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import deepspeed
@@ -266,10 +267,10 @@ class ZeroEngine:
         }
         return {"model": model, "optim": optim, "progress": progress}
 
-    def save(self, folder: Path, progress: dict) -> None:
+    def save(self, folder: Path, progress: dict, background: bool = False) -> Future | None:
         # the master weights only where they are not the weights: a quarter of an fp32 run's checkpoint
         master = next(self.engine.module.parameters()).dtype != torch.float32
-        dcp_save(self._state(progress, master), folder, self.topology)
+        return dcp_save(self._state(progress, master), folder, self.topology, background)
 
     def load(self, folder: Path, progress: dict) -> dict:
         """Restore weights, master weights and moments in place at any layout (world size, ep, ZeRO

@@ -8,6 +8,7 @@ and the state a checkpoint folder holds. The Trainer drives either the same way.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -65,8 +66,8 @@ class NativeEngine:
             "progress": progress,
         }
 
-    def save(self, folder: Path, progress: dict) -> None:
-        dcp_save(self._state(progress), folder, self.topology)
+    def save(self, folder: Path, progress: dict, background: bool = False) -> Future | None:
+        return dcp_save(self._state(progress), folder, self.topology, background)
 
     def load(self, folder: Path, progress: dict) -> dict:
         """Restore model and optimizer in place at any expert layout; returns the saved `progress`."""

@@ -94,7 +94,7 @@ class Trainer:
             self.engine = ZeroEngine(self.model, config, topology, self.micro_batches_per_step, bf16=bf16)
         else:
             self.engine = NativeEngine(self.model, config, topology, self.micro_batches_per_step)
-        self.checkpointer = Checkpointer(t.out_dir, topology, t.keep_last)
+        self.checkpointer = Checkpointer(t.out_dir, topology, t.keep_last, t.async_checkpoint)
         self.progress = Progress()
         self.peak_flops = peak_flops(self.device)
         self.callbacks = []
@@ -224,6 +224,7 @@ class Trainer:
         the callbacks could save the damage (the native engine has not applied it either)."""
         if all(map(math.isfinite, (grad_norm, *losses))):
             return
+        self.checkpointer.finish()  # one still being written, from before the damage
         latest = self.checkpointer.latest()
         raise Diverged(
             f"step {self.progress.step + 1} diverged: loss {self._objective(*losses):.4g}, gradient norm "

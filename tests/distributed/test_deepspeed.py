@@ -74,11 +74,20 @@ def test_resume_at_the_same_and_at_other_layouts(tmp_path, native):
     ZeRO-1 on (2 ranks, ep=1), where the experts' states are partitioned over 2 ranks instead of
     each rank keeping its own experts' whole; and on 1 process with ZeRO-Offload (DeepSpeed's CPU
     Adam, which counts steps in an int). The uninterrupted run's losses and weights each time (the
-    native runs at ep=1 and ep=2 are the same run, to rounding)."""
+    native runs at ep=1 and ep=2 are the same run, to rounding). The checkpoint is written in the
+    background (trainer.async_checkpoint), ZeRO's fragments copied to host memory first."""
     saved = tmp_path / "saved"
     args = (*RUN, "engine=deepspeed", "trainer.ckpt_every=3")
     first, _ = train_run(
-        tmp_path, "first", 2, 2, *args, "engine.zero_stage=2", "trainer.exit_after_steps=3", out_dir=saved
+        tmp_path,
+        "first",
+        2,
+        2,
+        *args,
+        "engine.zero_stage=2",
+        "trainer.exit_after_steps=3",
+        "trainer.async_checkpoint=true",
+        out_dir=saved,
     )
     assert [m["step"] for m in first] == [1, 2, 3]
     # an fp32 run's master weights are its weights: not stored twice, restored from the weights

@@ -137,6 +137,19 @@ def test_checkpoint_written_at_ep2_resumes_at_ep1_and_ep4(tmp_path, reference_ru
         assert_same_run(metrics, params, ref_metrics, ref_params)
 
 
+def test_checkpoints_written_in_the_background_hold_their_step(tmp_path, reference_run):
+    """trainer.async_checkpoint at ep=2: the checkpoints of steps 2 and 4 are written while later
+    steps train and the step-3 evaluation runs its collectives; resumed from step 4, the run is
+    the uninterrupted one."""
+    saved = tmp_path / "saved"
+    background = ("trainer.ckpt_every=2", "trainer.async_checkpoint=true")
+    train_run(tmp_path, "background", 2, 2, *background, out_dir=saved)
+    assert sorted(p.name for p in (saved / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    shutil.rmtree(saved / "checkpoints" / "step_00000006")
+    metrics, params = train_run(tmp_path, "resumed", 2, 2, *background, out_dir=saved)
+    assert_same_run(metrics, params, *reference_run)
+
+
 # ---- bad layouts and faults ----
 
 

@@ -166,10 +166,13 @@ def test_cli_bad_input_one_line_exit_2(args, message, tmp_path):
 DIVERGING = ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", "trainer.ckpt_every=1"]
 
 
-def test_a_diverging_run_stops_before_saving_and_leaves_the_weights(tmp_path, tiny_overrides):
+@pytest.mark.parametrize("background", [False, True])
+def test_a_diverging_run_stops_before_saving_and_leaves_the_weights(tmp_path, tiny_overrides, background):
     """Step 1's update (lr 1e30) makes step 2's loss and gradients overflow: the run stops there,
-    its checkpoint at step 1 the newest, and the native engine does not apply the step."""
-    config = compose_config([*tiny_overrides, *DIVERGING, "trainer.eval_every=0"])
+    its checkpoint at step 1 the newest (completed first if written in the background), and the
+    native engine does not apply the step."""
+    overrides = [*DIVERGING, "trainer.eval_every=0", f"trainer.async_checkpoint={background}"]
+    config = compose_config([*tiny_overrides, *overrides])
     topology = Topology.setup(config.parallel, "cpu")
     try:
         trainer = Trainer(config, topology)
