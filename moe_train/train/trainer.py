@@ -226,11 +226,16 @@ class Trainer:
             return
         self.checkpointer.finish()  # one still being written, from before the damage
         latest = self.checkpointer.latest()
+        optim = self.config.optim
+        remedies = (
+            f"a lower optim.lr (now {optim.lr:g}) or a longer optim.warmup_steps (now {optim.warmup_steps})"
+        )
+        if optim.grad_clip == 0:
+            remedies += ", or clip gradients (optim.grad_clip > 0)"
         raise Diverged(
             f"step {self.progress.step + 1} diverged: loss {self._objective(*losses):.4g}, gradient norm "
             f"{grad_norm:.4g}. Stopped before saving it; the newest checkpoint is "
-            f"{latest if latest is not None else 'none (nothing was saved)'}: resume from it with a lower "
-            "optim.lr, a longer optim.warmup_steps or optim.grad_clip > 0"
+            f"{latest if latest is not None else 'none (nothing was saved)'}: resume from it with {remedies}"
         )
 
     def _objective(self, lm, aux, device_aux, z):
