@@ -111,7 +111,6 @@ def test_bad_values_name_the_key(build, message):
             ["model=mixtral_tiny", "parallel.ep=4", "model.moe.device_aux_loss_coef=0.05"],
             "model.moe.device_aux_loss_coef=0.05 balances groups of experts, but model.moe.num_expert_groups=1",
         ),
-        (["model=deepseekmoe_145b", "parallel.ep=8"], None),  # its groups follow parallel.ep
     ],
 )
 def test_composed_overrides(overrides, message):
@@ -153,3 +152,9 @@ def test_batch_layout(global_batch, micro, ranks, expected):
         return
     assert batch_layout(t, ranks).micro_batch_size == expected
     assert compose_config(["trainer.global_batch_size=8"]).trainer.micro_batch_size is None
+
+
+def test_deepseekmoe_145b_balances_one_group_of_experts_per_device():
+    for ep in (1, 8):
+        moe = compose_config(["model=deepseekmoe_145b", f"parallel.ep={ep}"]).model.moe
+        assert (moe.num_expert_groups, moe.device_aux_loss_coef, moe.aux_loss_coef) == (ep, 0.05, 0.003)
