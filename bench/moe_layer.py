@@ -212,6 +212,7 @@ def megatron_moe(
     aux_loss_coef=1e-2,
     z_loss_coef=1e-3,
     score_function="softmax",
+    load_balancing="aux_loss",
 ):
     """megatron-core's MoELayer with our router, expert and shared-expert weights, dropless.
 
@@ -249,7 +250,7 @@ def megatron_moe(
         moe_permute_fusion=moe_utils.HAVE_TE,
         moe_router_fusion=moe_utils.HAVE_TE,
         moe_router_score_function=score_function,  # sigmoid: top-k scores always renormalised
-        moe_router_load_balancing_type="aux_loss",
+        moe_router_load_balancing_type=load_balancing,  # seq_aux_loss: per sequence (T, B, D)
         moe_aux_loss_coeff=aux_loss_coef,
         moe_z_loss_coeff=z_loss_coef,
         # built on the CPU, then moved, and not initialised (on a GPU that needs Megatron's CUDA RNG

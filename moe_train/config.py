@@ -44,6 +44,10 @@ class MoEConfig:
     """Rescale the top-k router scores to sum to 1 (Mixtral: yes, DeepSeekMoE: no)."""
     aux_loss_coef: float = 0.01
     """Weight of the Switch/GShard load-balancing loss (mean over MoE layers; 1.0 when balanced)."""
+    aux_loss_scope: str = "batch"
+    """What the aux loss balances: `batch`, each rank's micro-batch as a whole (Switch/GShard,
+    Megatron-Core's aux_loss); `sequence`, each sequence on its own, averaged (DeepSeek-V3's
+    complementary sequence-wise loss, Megatron-Core's seq_aux_loss; V3 weighs it 0.0001)."""
     num_expert_groups: int = 1
     """The routed experts as this many groups of consecutive experts, the unit the device-level
     balance loss balances. Under expert parallelism rank r holds the r-th of parallel.ep such
@@ -88,6 +92,7 @@ class MoEConfig:
             f"model.moe.expert_hidden_dim={self.expert_hidden_dim} must be > 0",
         )
         _one_of("model.moe.score_function", self.score_function, ("softmax", "sigmoid"))
+        _one_of("model.moe.aux_loss_scope", self.aux_loss_scope, ("batch", "sequence"))
         _check(self.first_k_dense >= 0, f"model.moe.first_k_dense={self.first_k_dense} must be >= 0")
         _check(self.every_n_layers >= 1, f"model.moe.every_n_layers={self.every_n_layers} must be >= 1")
         _check(self.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={self.aux_loss_coef} must be >= 0")

@@ -101,6 +101,16 @@ def load_balancing_loss(
     return (f * p).sum()
 
 
+def sequence_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The aux loss of each of B sequences on its own, averaged: probs (B, T, E), experts (B, T * k)
+    (DeepSeek-V3's sequence-wise balance loss, normalised as Megatron-Core's seq_aux_loss)."""
+    num_sequences, length, num_experts = probs.shape
+    ones = torch.ones(experts.shape, device=probs.device)
+    counts = probs.new_zeros(num_sequences, num_experts).scatter_add_(1, experts, ones)  # (B, E)
+    f = counts * (num_experts / (length * top_k))
+    return (f * probs.mean(dim=1)).sum(dim=1).mean()
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
     return torch.logsumexp(logits, dim=-1).square().mean()
@@ -380,11 +390,13 @@ class MoE(nn.Module):
         expert_bias: bool = False,
         num_expert_groups: int = 1,
         score_function: str = "softmax",
+        aux_loss_scope: str = "batch",
     ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.num_expert_groups = num_expert_groups
+        self.aux_loss_scope = aux_loss_scope
         self.router = TopKRouter(dim, num_experts, top_k, renormalize, expert_bias, score_function)
         self.experts = GroupedExperts(num_experts, dim, hidden_dim)
         # k shared SwiGLU experts of hidden F are exactly one SwiGLU of hidden k * F.
@@ -406,8 +418,14 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
 
         tokens_per_expert = torch.bincount(routing.experts.flatten(), minlength=self.num_experts)
+        if self.aux_loss_scope == "sequence":  # x is (B, T, D); (N, D) counts as one sequence
+            sequences = shape[0] if len(shape) == 3 else 1
+            probs, experts = routing.probs.view(sequences, -1, self.num_experts), routing.experts
+            aux_loss = sequence_balancing_loss(probs, experts.view(sequences, -1), self.top_k)
+        else:
+            aux_loss = load_balancing_loss(routing.probs, tokens_per_expert, self.top_k)
         stats = MoEStats(
-            aux_loss=load_balancing_loss(routing.probs, tokens_per_expert, self.top_k),
+            aux_loss=aux_loss,
             device_aux_loss=load_balancing_loss(
                 routing.probs, tokens_per_expert, self.top_k, self.num_expert_groups
             ),

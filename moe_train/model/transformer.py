@@ -38,6 +38,7 @@ class Block(nn.Module):
                 expert_bias=moe.bias_update_rate > 0,
                 num_expert_groups=moe.num_expert_groups,
                 score_function=moe.score_function,
+                aux_loss_scope=moe.aux_loss_scope,
             )
         else:
             self.ffn = FeedForward(config.dim, config.ffn_hidden_dim)

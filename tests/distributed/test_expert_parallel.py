@@ -105,14 +105,16 @@ def test_capacity_that_drops_nothing_matches_dropless(tmp_path, reference_run):
 
 
 def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(tmp_path):
-    """DeepSeek's balancing, on sigmoid scores. The routing bias moves from the global batch's
+    """DeepSeek's balancing: sigmoid scores, the routing bias and a small sequence-wise aux loss
+    (DeepSeek-V3), and the device-level loss (DeepSeekMoE). The bias moves from the global batch's
     counts: every rank moves it alike, and as one process does. The device-level loss over two
     groups of experts (one per rank at ep=2) is the same on one process, where both groups are on
     the same device."""
     balancing = (
         "model.moe.score_function=sigmoid",
         "model.moe.bias_update_rate=0.01",
-        "model.moe.aux_loss_coef=0",
+        "model.moe.aux_loss_coef=0.0001",
+        "model.moe.aux_loss_scope=sequence",
         "model.moe.num_expert_groups=2",
         "model.moe.device_aux_loss_coef=0.1",
     )
@@ -122,7 +124,8 @@ def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(t
     assert params["layers.0.ffn.router.expert_bias"].abs().sum() > 0
     for m in metrics:  # one group would give 1.0; the objective weighs it by its coefficient
         assert m["device_aux_loss"] != 1.0
-        assert m["loss"] == pytest.approx(m["lm_loss"] + 0.1 * m["device_aux_loss"] + 0.001 * m["z_loss"])
+        weighted = 0.0001 * m["aux_loss"] + 0.1 * m["device_aux_loss"] + 0.001 * m["z_loss"]
+        assert m["loss"] == pytest.approx(m["lm_loss"] + weighted)
 
 
 def test_checkpoint_written_at_ep2_resumes_at_ep1_and_ep4(tmp_path, reference_run):

@@ -37,6 +37,10 @@ from moe_train.tools.hydra_config import compose_config
         ),
         (lambda: OptimConfig(decay_fraction=1.5), "optim.decay_fraction=1.5 must be in [0, 1]"),
         (
+            lambda: MoEConfig(num_experts=8, aux_loss_scope="global"),
+            "model.moe.aux_loss_scope='global' is not allowed; choose one of batch, sequence",
+        ),
+        (
             lambda: MoEConfig(num_experts=8, score_function="relu"),
             "model.moe.score_function='relu' is not allowed; choose one of softmax, sigmoid",
         ),

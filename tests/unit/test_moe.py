@@ -17,6 +17,7 @@ from moe_train.model.moe import (
     grouped_mm_dtype,
     load_balancing_loss,
     router_z_loss,
+    sequence_balancing_loss,
     swiglu,
 )
 
@@ -424,6 +425,44 @@ def test_device_level_loss_balances_the_groups_not_the_experts_inside_them():
     groups_imbalance, experts_imbalance = train(num_groups=2)  # the groups start at 1.29
     assert groups_imbalance < 1.05 and experts_imbalance > 1.4
     assert max(train(num_groups=None)) < 1.05
+
+
+def test_sequence_balancing_loss_hand_computed():
+    # 2 sequences of 2 tokens, 2 experts, top-1: sequence 0 sends both tokens to expert 0,
+    # sequence 1 one to each; the whole batch is balanced (2 and 2), the sequences are not
+    probs = torch.tensor([[[0.9, 0.1], [0.7, 0.3]], [[0.6, 0.4], [0.2, 0.8]]])
+    experts = torch.tensor([[0, 0], [0, 1]])
+    # sequence 0: f = [2, 0], P = [0.8, 0.2] -> 1.6; sequence 1: f = [1, 1], P = [0.4, 0.6] -> 1.0
+    assert sequence_balancing_loss(probs, experts, top_k=1).item() == pytest.approx(1.3)
+    # the batch as a whole: f = [1.5, 0.5], P = [0.6, 0.4] -> 1.1
+    assert load_balancing_loss(probs.view(4, 2), torch.tensor([3, 1]), top_k=1).item() == pytest.approx(1.1)
+    # one sequence is the batch loss
+    one = sequence_balancing_loss(probs[:1], experts[:1], top_k=1)
+    assert one.item() == pytest.approx(load_balancing_loss(probs[0], torch.tensor([2, 0]), 1).item())
+
+
+def test_sequence_scope_matches_megatron_core_seq_aux_loss():
+    """The MoE layer with aux_loss_scope=sequence against megatron-core's seq_aux_loss on 3
+    sequences (Megatron's input is sequence-first): outputs, and the router's gradient through the
+    loss."""
+    from bench.moe_layer import megatron_moe, world_of_one
+
+    moe = make_moe(8, 2)
+    moe.aux_loss_scope = "sequence"
+    x = torch.randn(3, 9, 16, requires_grad=True)  # (B, T, D)
+    with world_of_one(wanted=("megatron",)):
+        block = megatron_moe(moe, 16, 24, 8, 2, 0, x.device, 0.5, 0.0, load_balancing="seq_aux_loss")
+        x_ref = x.detach().transpose(0, 1).contiguous().requires_grad_()  # (T, B, D)
+        ref = block(x_ref)[0]
+        grad_out = torch.randn_like(ref)
+        ref.backward(grad_out)
+    out, stats = moe(x)
+    torch.testing.assert_close(out, ref.transpose(0, 1), rtol=1e-5, atol=1e-5)
+    ((out * grad_out.transpose(0, 1)).sum() + 0.5 * stats.aux_loss).backward()
+    torch.testing.assert_close(
+        moe.router.gate.weight.grad, block.block.router.weight.grad, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(x.grad, x_ref.grad.transpose(0, 1), rtol=1e-4, atol=1e-5)
 
 
 def test_z_loss_hand_computed():
