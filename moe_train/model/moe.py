@@ -94,8 +94,9 @@ def load_balancing_loss(
     groups are balanced.
     """
     num_tokens, num_experts = probs.shape
+    num_tokens = max(num_tokens, 1)  # a rank that routes no tokens: 0, not 0 / 0
     f = tokens_per_expert.float() * (num_experts / (num_tokens * top_k))  # (E,)
-    p = probs.mean(dim=0)  # (E,)
+    p = probs.sum(dim=0) / num_tokens  # (E,)
     if num_groups is not None:
         f, p = f.view(num_groups, -1).mean(dim=1), p.view(num_groups, -1).sum(dim=1)  # (G,)
     return (f * p).sum()
@@ -105,10 +106,11 @@ def sequence_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, top_k: i
     """The aux loss of each of B sequences on its own, averaged: probs (B, T, E), experts (B, T * k)
     (DeepSeek-V3's sequence-wise balance loss, normalised as Megatron-Core's seq_aux_loss)."""
     num_sequences, length, num_experts = probs.shape
+    length = max(length, 1)  # a rank that routes no tokens: 0, not 0 / 0
     ones = torch.ones(experts.shape, device=probs.device)
     counts = probs.new_zeros(num_sequences, num_experts).scatter_add_(1, experts, ones)  # (B, E)
     f = counts * (num_experts / (length * top_k))
-    return (f * probs.mean(dim=1)).sum(dim=1).mean()
+    return (f * probs.sum(dim=1) / length).sum(dim=1).mean()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
