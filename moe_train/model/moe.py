@@ -426,11 +426,15 @@ class MoE(nn.Module):
             aux_loss = sequence_balancing_loss(probs, experts.view(sequences, -1), self.top_k)
         else:
             aux_loss = load_balancing_loss(routing.probs, tokens_per_expert, self.top_k)
+        if self.num_expert_groups > 1:
+            device_aux_loss = load_balancing_loss(
+                routing.probs, tokens_per_expert, self.top_k, self.num_expert_groups
+            )
+        else:  # one group holds every assignment and all probability: the loss is the constant 1
+            device_aux_loss = aux_loss.new_ones(())
         stats = MoEStats(
             aux_loss=aux_loss,
-            device_aux_loss=load_balancing_loss(
-                routing.probs, tokens_per_expert, self.top_k, self.num_expert_groups
-            ),
+            device_aux_loss=device_aux_loss,
             z_loss=router_z_loss(routing.logits),
             tokens_per_expert=tokens_per_expert.detach(),
             dropped=num_dropped,

@@ -100,10 +100,10 @@ class SaveCheckpoints(Callback):
         self.checkpointer = trainer.checkpointer
 
     def _save(self, trainer):
-        self._finish(all_ranks=True)  # the previous one, if still in flight
         path = self.checkpointer.save(trainer.config, trainer.engine, trainer.progress)
         self.saved_step = trainer.progress.step
-        log.info("writing %s in the background" if self.checkpointer.background else "saved %s", path)
+        if self.checkpointer.background:
+            log.info("writing %s in the background", path)
 
     def on_step_end(self, trainer, metrics):
         if _due(metrics["step"], trainer.config.trainer.ckpt_every, trainer):
@@ -112,15 +112,10 @@ class SaveCheckpoints(Callback):
     def on_fit_end(self, trainer):
         if self.saved_step != trainer.progress.step:  # an early exit
             self._save(trainer)
-        self._finish(all_ranks=True)
+        self.checkpointer.finish()
 
     def close(self):
-        self._finish(all_ranks=False)  # a no-op after on_fit_end
-
-    def _finish(self, all_ranks: bool):
-        path = self.checkpointer.finish(all_ranks)
-        if path is not None and self.checkpointer.background:
-            log.info("saved %s", path)
+        self.checkpointer.finish(all_ranks=False)  # a no-op after on_fit_end
 
 
 class EarlyExit(Callback):

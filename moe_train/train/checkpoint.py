@@ -287,6 +287,7 @@ class Checkpointer:
             return None
         if all_ranks:
             topo.barrier("barrier (checkpoint renamed)")
+        log.info("saved %s", final)
         return final
 
     def load(self, path: Path, engine) -> Progress:
