@@ -213,6 +213,9 @@ def megatron_moe(
     z_loss_coef=1e-3,
     score_function="softmax",
     load_balancing="aux_loss",
+    num_expert_groups=None,
+    topk_groups=None,
+    routed_scaling_factor=None,
 ):
     """megatron-core's MoELayer with our router, expert and shared-expert weights, dropless.
 
@@ -251,6 +254,9 @@ def megatron_moe(
         moe_router_fusion=moe_utils.HAVE_TE,
         moe_router_score_function=score_function,  # sigmoid: top-k scores always renormalised
         moe_router_load_balancing_type=load_balancing,  # seq_aux_loss: per sequence (T, B, D)
+        moe_router_num_groups=num_expert_groups,  # with group_topk: group-limited routing
+        moe_router_group_topk=topk_groups,
+        moe_router_topk_scaling_factor=routed_scaling_factor,
         moe_aux_loss_coeff=aux_loss_coef,
         moe_z_loss_coeff=z_loss_coef,
         # built on the CPU, then moved, and not initialised (on a GPU that needs Megatron's CUDA RNG

@@ -52,6 +52,14 @@ class MoEConfig:
     """The routed experts as this many groups of consecutive experts, the unit the device-level
     balance loss balances. Under expert parallelism rank r holds the r-th of parallel.ep such
     groups, so num_expert_groups = parallel.ep makes them the devices (DeepSeekMoE's D devices)."""
+    topk_groups: int = 0
+    """Group-limited routing (DeepSeek-V2's device-limited, DeepSeek-V3's node-limited routing):
+    each token's top_k experts come from at most this many of the num_expert_groups groups, those
+    whose top (top_k / topk_groups) scores sum highest (as Megatron-Core's moe_router_group_topk).
+    With num_expert_groups = parallel.ep a token is sent to at most this many ranks. 0: off."""
+    routed_scaling_factor: float = 1.0
+    """Multiplies the routed experts' combine weights, after any renormalisation (DeepSeek-V3's
+    routed scaling factor, 2.5; Megatron-Core's moe_router_topk_scaling_factor)."""
     device_aux_loss_coef: float = 0.0
     """Weight of DeepSeekMoE's device-level balance loss, sum over groups g of mean_{e in g}(f_e) *
     sum_{e in g}(P_e), with f_e normalised so that balance gives 1 (mean over MoE layers; 1.0 when
@@ -101,6 +109,20 @@ class MoEConfig:
             self.num_expert_groups >= 1 and self.num_experts % self.num_expert_groups == 0,
             f"model.moe.num_expert_groups={self.num_expert_groups} must be >= 1 and divide "
             f"model.moe.num_experts={self.num_experts}",
+        )
+        if self.topk_groups:
+            per_group = self.num_experts // self.num_expert_groups
+            _check(
+                1 <= self.topk_groups < self.num_expert_groups
+                and self.topk_groups <= self.top_k <= self.topk_groups * per_group,
+                f"model.moe.topk_groups={self.topk_groups} must be between 1 and "
+                f"model.moe.num_expert_groups - 1 ({self.num_expert_groups - 1}), at most "
+                f"model.moe.top_k={self.top_k}, and its groups must hold top_k experts "
+                f"({per_group} each); 0 turns group-limited routing off",
+            )
+        _check(
+            self.routed_scaling_factor > 0,
+            f"model.moe.routed_scaling_factor={self.routed_scaling_factor} must be > 0",
         )
         _check(
             self.device_aux_loss_coef >= 0,

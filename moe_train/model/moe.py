@@ -1,7 +1,7 @@
 """The Mixture-of-Experts FFN: top-k router, load-balancing losses, token dispatch and grouped experts.
 
-Data path: router -> dispatcher.dispatch (sort tokens by expert) -> experts on contiguous slices
--> dispatcher.combine (unsort, sum over each token's k rows weighted by the router) -> + shared
+Data path: router -> dispatcher.route: the (token, expert) assignments sorted by expert, the
+experts on contiguous slices, each token's outputs summed with its router weights -> + shared
 experts.
 The dispatcher is a plain attribute that expert parallelism (moe_train/parallel) swaps for one that
 moves tokens across ranks; this file holds the single-device one.
@@ -42,7 +42,14 @@ class TopKRouter(nn.Module):
     Megatron-Core's. With expert_bias (auxiliary-loss-free balancing), the top-k is taken over
     scores + bias while the weights are the chosen experts' scores: the bias steers which experts a
     token goes to, not how much each contributes (DeepSeek-V3). The trainer moves it between steps
-    (update_bias)."""
+    (update_bias).
+
+    Group-limited routing (DeepSeek-V2's device-limited, V3's node-limited): with `topk_groups` M
+    of `num_groups` G groups of consecutive experts, each token first picks the M groups whose top
+    (k / M) routing scores sum highest, then its k experts from those groups only (Megatron-Core's
+    group_limited_topk); with G = parallel.ep a token's experts are on at most M ranks, so it is
+    sent to at most M ranks. `scaling_factor` multiplies the combine weights (V3's routed scaling
+    factor, applied after any renormalisation)."""
 
     def __init__(
         self,
@@ -52,27 +59,42 @@ class TopKRouter(nn.Module):
         renormalize: bool,
         expert_bias: bool = False,
         score_function: str = "softmax",
+        num_groups: int = 1,
+        topk_groups: int = 0,
+        scaling_factor: float = 1.0,
     ):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.top_k = top_k
         self.renormalize = renormalize
         self.sigmoid = score_function == "sigmoid"
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.scaling_factor = scaling_factor
         # a buffer: checkpointed with the model, never seen by the optimizer
         self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.gate(x).float()  # (N, E): routing in fp32 even under autocast
         scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)  # (N, E)
-        if self.expert_bias is None:
-            weights, experts = scores.topk(self.top_k, dim=-1)  # (N, k)
-        else:
-            experts = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
-            weights = scores.gather(-1, experts)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias  # picks the experts
+        if self.topk_groups:
+            choice = self._only_top_groups(choice)
+        experts = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(-1, experts)  # (N, k)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.scaling_factor != 1.0:
+            weights = weights * self.scaling_factor
         probs = scores / scores.sum(dim=-1, keepdim=True) if self.sigmoid else scores
         return Routing(logits, probs, experts, weights)
+
+    def _only_top_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """choice (N, E) with -inf outside each token's topk_groups best groups."""
+        grouped = choice.view(choice.shape[0], self.num_groups, -1)  # (N, G, E / G)
+        group_scores = grouped.topk(self.top_k // self.topk_groups, dim=-1).values.sum(dim=-1)  # (N, G)
+        top = group_scores.topk(self.topk_groups, dim=-1).indices  # (N, M)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)  # (N, G)
+        return grouped.masked_fill(~keep.unsqueeze(-1), -math.inf).view_as(choice)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor, rate: float) -> None:
@@ -119,78 +141,138 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class DispatchState:
-    """What combine needs to undo dispatch."""
+class Bags:
+    """M rows, each belonging to one of R slots (row j to slot `index[j]`): `members` lists the rows
+    slot by slot and `offsets` says where each slot's list starts (an empty slot's list is empty).
+    The slots are tokens (a token's k expert rows), or rows received from another rank."""
 
-    order: torch.Tensor  # (S,) flat assignment (token * k + slot) of each sorted row
-    token: torch.Tensor  # (S,) token of each sorted row: order // k
-    inverse: torch.Tensor | None  # (N * k,) sorted row of each assignment; None if any was dropped
-    weights: torch.Tensor  # (N, k) router weights of each token's assignments (routing.weights)
-    num_tokens: int  # N
-    num_assignments: int  # N * k, before any capacity drop
-
-    @property
-    def num_dropped(self) -> int:
-        return self.num_assignments - self.token.numel()
-
-    @property
-    def row_weights(self) -> torch.Tensor:
-        """(S,) router weight of each sorted row."""
-        return self.weights.flatten().index_select(0, self.order)
-
-
-# Without drops every token has exactly k sorted rows, so the two permutations are gathers that
-# are each other's adjoint: no scatter (index_put / index_add) in either direction. On 2 CPU cores
-# the scatters that x[token] and index_add would run in backward cost 2.5-10x more.
-class _GatherRows(torch.autograd.Function):
-    """x (N, D) -> x[token] (S = N * k, D); backward: each token's k row gradients summed."""
+    index: torch.Tensor  # (M,) slot of each row
+    members: torch.Tensor  # (M,) the rows, grouped by slot
+    offsets: torch.Tensor  # (R,) start of each slot's rows in `members`
 
     @staticmethod
-    def forward(ctx, x, token, inverse, top_k):
-        ctx.save_for_backward(inverse)
-        ctx.top_k = top_k
-        return x.index_select(0, token)
+    def of(index: torch.Tensor, num_slots: int, members: torch.Tensor | None = None) -> Bags:
+        """`members`, where the caller has it already: any order of the rows grouped by slot."""
+        sizes = torch.bincount(index, minlength=num_slots)
+        members = index.argsort(stable=True) if members is None else members
+        return Bags(index, members, sizes.cumsum(0) - sizes)
+
+    def sum(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, D) rows, optionally weighted (M,) -> (R, D): each slot's rows summed.
+
+        embedding_bag's sum is the gather, the weighting and the sum in one kernel, with no (M, D)
+        intermediate: on 2 CPU cores 3-4x faster than index_select then a sum, and a scatter-add
+        (index_add) costs 2.5-10x more."""
+        per_sample = None if weights is None else weights.index_select(0, self.members)
+        return F.embedding_bag(self.members, rows, self.offsets, mode="sum", per_sample_weights=per_sample)
+
+
+class _Gather(torch.autograd.Function):
+    """x (R, D) -> x[bags.index] (M, D); backward: each slot's row gradients summed (bags.sum): a
+    gather in both directions, no scatter."""
+
+    @staticmethod
+    def forward(ctx, x, bags: Bags):
+        ctx.bags = bags
+        return x.index_select(0, bags.index)
 
     @staticmethod
     def backward(ctx, grad_rows):
-        (inverse,) = ctx.saved_tensors
-        grad_x = F.embedding_bag(inverse.view(-1, ctx.top_k), grad_rows.contiguous(), mode="sum")
-        return grad_x, None, None, None
+        return ctx.bags.sum(grad_rows.contiguous()), None
 
 
-class _WeightedSumOverK(torch.autograd.Function):
-    """rows (S = N * k, D), router weights (N, k) -> (N, D): each token's k rows, weighted, summed.
+class _BagSum(torch.autograd.Function):
+    """rows (M, D) and weights (M,) or None -> (R, D): each slot's rows, weighted, summed.
 
-    embedding_bag's sum with per-sample weights is the gather, the weighting and the sum in one
-    kernel, no (N, k, D) intermediate; on 2 CPU cores as fast as its unweighted sum, and 3-4x
-    faster than index_select then sum.
-    Backward: the gradient of row j is w_j * grad_out[token_j] (a gather), of w_j the dot product
-    of grad_out[token_j] with row j. Weighting here rather than on the experts' hidden activation
-    leaves the experts' elementwise work as a dense SwiGLU's and sends no weights across ranks.
-    """
+    Backward: row j's gradient is w_j * grad_out[index_j] (a gather), w_j's the dot product of
+    grad_out[index_j] with row j. Weighting here rather than on the experts' hidden activation
+    leaves the experts' elementwise work as a dense SwiGLU's."""
 
     @staticmethod
-    def forward(ctx, rows, weights, token, order, inverse):
-        ctx.save_for_backward(rows, weights, token, order, inverse)
-        return F.embedding_bag(inverse.view_as(weights), rows, mode="sum", per_sample_weights=weights)
+    def forward(ctx, rows, weights, bags: Bags):
+        ctx.bags = bags
+        ctx.save_for_backward(rows, weights)
+        return bags.sum(rows, weights)
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, weights, token, order, inverse = ctx.saved_tensors
-        grad_rows = grad_out.index_select(0, token)  # (S, D)
-        grad_weights = None
-        if ctx.needs_input_grad[1]:
-            grad_weights = torch.linalg.vecdot(grad_rows, rows).index_select(0, inverse).view_as(weights)
-        grad_rows.mul_(weights.flatten().index_select(0, order).unsqueeze(-1))
-        return grad_rows, grad_weights, None, None, None
+        rows, weights = ctx.saved_tensors
+        grad_rows = grad_out.index_select(0, ctx.bags.index)  # (M, D)
+        if weights is None:
+            return grad_rows, None, None
+        grad_weights = torch.linalg.vecdot(grad_rows, rows) if ctx.needs_input_grad[1] else None
+        return grad_rows.mul_(weights.unsqueeze(-1)), grad_weights, None
+
+
+def gather_rows(x: torch.Tensor, bags: Bags) -> torch.Tensor:
+    """x (R, D) -> (M, D): the row of x each of the bags' rows belongs to."""
+    return _Gather.apply(x, bags)
+
+
+def sum_rows(rows: torch.Tensor, bags: Bags, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """rows (M, D) -> (R, D), optionally weighted (M,): the adjoint of gather_rows."""
+    return _BagSum.apply(rows, weights, bags)
+
+
+@dataclass
+class ExpertBatch:
+    """Assignments of rows to experts, sorted by expert: what the experts compute, and the way
+    back. Sorted assignment i reads row `bags.index[i]`, and its output is summed back into it."""
+
+    bags: Bags  # slots: the rows; members: each row's sorted assignments
+    order: torch.Tensor  # (S,) assignment of each sorted position
+    counts: torch.Tensor  # (E,) sorted assignments per expert
+    num_dropped: int  # assignments over capacity, left out
+
+
+def within_capacity(expert: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor | None:
+    """(A,) bool: each expert keeps its first `capacity` assignments, in assignment order (token
+    order); None without a limit."""
+    if capacity is None:
+        return None
+    order = expert.argsort(stable=True)
+    counts = torch.bincount(expert, minlength=num_experts)
+    rank_in_expert = torch.empty_like(order)
+    rank_in_expert[order] = (
+        torch.arange(order.numel(), device=order.device) - (counts.cumsum(0) - counts)[expert[order]]
+    )
+    return rank_in_expert < capacity
+
+
+def sort_by_expert(
+    row: torch.Tensor, expert: torch.Tensor, num_rows: int, num_experts: int, keep: torch.Tensor | None = None
+) -> ExpertBatch:
+    """A assignments (row (A,) in nondecreasing order, expert (A,)), only those `keep` marks if
+    given, stably sorted by expert."""
+    order = expert.argsort(stable=True)  # (A,)
+    if keep is not None:
+        order = order[keep.index_select(0, order)]
+        expert_kept = expert[keep]
+    counts = torch.bincount(expert if keep is None else expert_kept, minlength=num_experts)
+    # sorted positions listed by assignment, so grouped by row: the bags' members, no second sort
+    position = torch.full_like(expert, -1) if keep is not None else torch.empty_like(expert)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    members = position if keep is None else position[position >= 0]
+    bags = Bags.of(row.index_select(0, order), num_rows, members)
+    return ExpertBatch(bags, order, counts, expert.numel() - order.numel())
+
+
+def run_experts(
+    x: torch.Tensor, weights: torch.Tensor, batch: ExpertBatch, experts: nn.Module
+) -> torch.Tensor:
+    """x (R, D), weights (A,) of the assignments -> (R, D): each row's sum over its kept
+    assignments of weight * the expert's output (a row with none: zeros)."""
+    y = experts(gather_rows(x, batch.bags), batch.counts)  # (S, D)
+    return sum_rows(y, batch.bags, weights.index_select(0, batch.order).to(y.dtype))
 
 
 class LocalDispatcher:
-    """Single-device dispatch: a stable sort of the N * k assignments by expert id.
+    """Single-device routing: the N * k assignments sorted by expert, the experts run on contiguous
+    slices, and each token's k outputs summed with the router weights.
 
     With a capacity factor, each expert keeps its first `capacity` assignments in token order and the
-    rest are dropped (they add nothing to the output). The permutation is also the first and last
-    step of the expert-parallel dispatcher, which builds on this class.
+    rest are dropped (they add nothing to the output). Expert parallelism (moe_train/parallel)
+    replaces this with a dispatcher that moves the rows between ranks.
     """
 
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float | None = None):
@@ -203,63 +285,18 @@ class LocalDispatcher:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def permute(
-        self, x: torch.Tensor, routing: Routing, chunks: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        """Rows of x (N, D) grouped by expert: (S, D), tokens per expert (E,) and the undo state.
+    def assignments(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The flat (token, slot) assignments: token (A,), expert (A,) and the capacity's keep mask."""
+        num_tokens, k = routing.experts.shape
+        expert = routing.experts.flatten()
+        token = torch.arange(num_tokens, device=expert.device).repeat_interleave(k)
+        return token, expert, within_capacity(expert, self.num_experts, self.capacity(num_tokens))
 
-        With chunks > 1, the tokens are cut into `chunks` consecutive runs of ceil(N / chunks) and
-        the rows (after any capacity drop, which does not depend on chunks) are grouped by
-        (chunk, expert); the counts are then (chunks, E).
-        """
-        flat_experts = routing.experts.flatten()  # (N * k,)
-        num_assignments = flat_experts.numel()
-        order = flat_experts.argsort(stable=True)  # (N * k,) flat assignment of each sorted row
-        tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)  # (E,)
-        capacity = self.capacity(x.shape[0])
-        if capacity is not None:
-            starts = tokens_per_expert.cumsum(0) - tokens_per_expert  # (E,) first sorted row of e
-            rank_in_expert = torch.arange(num_assignments, device=x.device) - starts[flat_experts[order]]
-            order = order[rank_in_expert < capacity]
-            tokens_per_expert = tokens_per_expert.clamp(max=capacity)
-        if chunks > 1:  # rows of one expert are in token order, so a stable sort by chunk keeps it
-            chunk_tokens = max(1, math.ceil(x.shape[0] / chunks))
-            key = order // (self.top_k * chunk_tokens) * self.num_experts + flat_experts[order]  # (S,)
-            order = order[key.argsort(stable=True)]
-            tokens_per_expert = torch.bincount(key, minlength=chunks * self.num_experts).view(chunks, -1)
-        token = order // self.top_k  # (S,)
-        if order.numel() == num_assignments:
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(num_assignments, device=x.device)
-            x_sorted = _GatherRows.apply(x, token, inverse, self.top_k)
-        else:
-            inverse = None
-            x_sorted = x.index_select(0, token)
-        state = DispatchState(order, token, inverse, routing.weights, x.shape[0], num_assignments)
-        return x_sorted, tokens_per_expert, state
-
-    def unpermute(self, y_sorted: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """Inverse of permute: (S, D) expert outputs -> (N, D), each token's k rows weighted by the
-        router and summed."""
-        if state.inverse is not None:
-            weights = state.weights.to(y_sorted.dtype)  # fp32 from the router; one dtype for embedding_bag
-            return _WeightedSumOverK.apply(y_sorted, weights, state.token, state.order, state.inverse)
-        y_sorted = y_sorted * state.row_weights.to(y_sorted.dtype).unsqueeze(-1)
-        out = y_sorted.new_zeros(state.num_tokens, y_sorted.shape[-1])  # dropped rows add nothing
-        return out.index_add(0, state.token, y_sorted)
-
-    def route(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> tuple[torch.Tensor, int]:
-        """dispatch -> experts -> combine: the routed output (N, D) and the number of dropped rows."""
-        x_sorted, tokens_per_local_expert, state = self.dispatch(x, routing)
-        return self.combine(experts(x_sorted, tokens_per_local_expert), state), state.num_dropped
-
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        """Returns the rows for this rank's experts (grouped by expert), their counts and the
-        state combine needs."""
-        return self.permute(x, routing)
-
-    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        return self.unpermute(y, state)
+    def route(self, x: torch.Tensor, routing: Routing, experts: nn.Module) -> tuple[torch.Tensor, int]:
+        """The routed output (N, D) and the number of dropped assignments."""
+        token, expert, keep = self.assignments(routing)
+        batch = sort_by_expert(token, expert, x.shape[0], self.num_experts, keep)
+        return run_experts(x, routing.weights.flatten(), batch, experts), batch.num_dropped
 
 
 def grouped_mm_dtype(x: torch.Tensor, *dims: int) -> torch.dtype | None:
@@ -393,13 +430,18 @@ class MoE(nn.Module):
         num_expert_groups: int = 1,
         score_function: str = "softmax",
         aux_loss_scope: str = "batch",
+        topk_groups: int = 0,
+        routed_scaling_factor: float = 1.0,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.num_expert_groups = num_expert_groups
         self.aux_loss_scope = aux_loss_scope
-        self.router = TopKRouter(dim, num_experts, top_k, renormalize, expert_bias, score_function)
+        self.router = TopKRouter(
+            dim, num_experts, top_k, renormalize, expert_bias, score_function,
+            num_expert_groups, topk_groups, routed_scaling_factor,
+        )  # fmt: skip
         self.experts = GroupedExperts(num_experts, dim, hidden_dim)
         # k shared SwiGLU experts of hidden F are exactly one SwiGLU of hidden k * F.
         self.shared_experts = (

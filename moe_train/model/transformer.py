@@ -39,6 +39,8 @@ class Block(nn.Module):
                 num_expert_groups=moe.num_expert_groups,
                 score_function=moe.score_function,
                 aux_loss_scope=moe.aux_loss_scope,
+                topk_groups=moe.topk_groups,
+                routed_scaling_factor=moe.routed_scaling_factor,
             )
         else:
             self.ffn = FeedForward(config.dim, config.ffn_hidden_dim)

@@ -1,24 +1,33 @@
 """Expert parallelism, applied to a finished model from outside: shard experts, install all-to-all.
 
 Each MoE layer's stacked expert weights (E, ...) are cut on dim 0 into `ep` shards; rank i of an
-expert-parallel group keeps experts [i * E/ep, (i + 1) * E/ep). Its dispatcher then
-1. routes and sorts the local tokens by global expert id, which also groups them by owner rank,
-2. exchanges per-expert token counts (all_to_all_single, equal splits),
-3. sends each token to its expert's rank (all_to_all_single, uneven splits),
-4. regroups what it received by local expert, so every local expert has one contiguous slice,
-and `combine` undoes 4, 3 and 1 in reverse order, the router weights applied on the tokens' own
-rank (LocalDispatcher.unpermute). Backward runs the same exchanges reversed.
+expert-parallel group keeps experts [i * E/ep, (i + 1) * E/ep). Its dispatcher sends each token
+once to each rank that holds any of its experts, not once per expert:
+1. the local assignments are grouped by destination rank; a (token, rank) pair is one row to send,
+   each assignment names its pair's row and its local expert (`meta`) and carries its router weight,
+2. the counts (rows and assignments per rank) are exchanged (all_to_all_single, equal splits),
+3. then the assignments' meta and weights, and the rows (all_to_all_single, uneven splits),
+4. the receiving rank sorts the assignments by local expert, runs its experts and sums each received
+   row's outputs with their router weights (moe_train.model.moe.run_experts, as a single device
+   does for its tokens), and sends one row back per row received,
+5. each token's returned rows are summed.
+With top-k over E experts a token is sent to at most min(k, ep) ranks, and with group-limited
+routing (model.moe.topk_groups, groups = ranks) to at most topk_groups. Backward runs the same
+exchanges reversed; the router weights' gradients come back with the rows'.
 
-With `parallel.ep_overlap_chunks` = C > 1 the tokens are cut into C chunks and the dispatcher runs
-the experts itself, between the exchanges (`_OverlappedExperts`): every chunk's rows are posted at
-once (async all-to-all), the experts compute chunk c while later chunks are still travelling, and
-chunk c's outputs travel back while chunk c + 1 computes; backward overlaps the same way.
+With `parallel.ep_overlap_chunks` = C > 1 the tokens are cut into C chunks, each chunk's rows sent
+as their own exchange, and the dispatcher runs the experts itself, between the exchanges
+(`_OverlappedExperts`): every chunk's rows are posted at once (async all-to-all), the experts
+compute chunk c while later chunks are still travelling, and chunk c's outputs travel back while
+chunk c + 1 computes; backward overlaps the same way.
 
-Shape legend: N local tokens, D dim, E experts, El = E / ep local experts, R rows received.
+Shape legend: N local tokens, D dim, E experts, El = E / ep local experts, A assignments sent, U rows
+(token, rank pairs) sent, R rows received.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +35,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from moe_train.model.moe import DispatchState, LocalDispatcher, MoE, Routing
+from moe_train.model.moe import (
+    Bags,
+    ExpertBatch,
+    LocalDispatcher,
+    MoE,
+    Routing,
+    gather_rows,
+    run_experts,
+    sort_by_expert,
+    sum_rows,
+)
 from moe_train.parallel.topology import Topology, named_collective
 
 
@@ -74,69 +93,30 @@ class _AllToAll(torch.autograd.Function):
 
 
 @dataclass
-class ExpertParallelState:
-    local: DispatchState  # undoes the sort by global expert
-    regroup: torch.Tensor  # (R,) received row of each row in local-expert order
-    ungroup: torch.Tensor  # (R,) the inverse permutation: row in local-expert order of each received row
-    send_splits: list[int]  # rows sent to each rank of the group
-    recv_splits: list[int]  # rows received from each rank of the group
+class _Exchange:
+    """One chunk's rows: what this rank sends to, and receives from, each rank of the group, and
+    the received assignments sorted by local expert (over the R received rows)."""
 
-    @property
-    def num_dropped(self) -> int:
-        return self.local.num_dropped
-
-
-class _PermuteRows(torch.autograd.Function):
-    """rows[perm] with its inverse permutation as the backward (a gather, not a scatter-add)."""
-
-    @staticmethod
-    def forward(ctx, rows, perm, inverse):
-        ctx.save_for_backward(perm, inverse)
-        return rows.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        perm, inverse = ctx.saved_tensors
-        return _PermuteRows.apply(grad.contiguous(), inverse, perm), None, None
-
-
-def _regroup_order(recv_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Received rows come ordered (source rank, local expert), recv_counts (ep, El) of each; the
-    experts need them ordered (local expert, source). Returns that permutation and its inverse."""
-    ep, El = recv_counts.shape
-    local_expert = torch.arange(El, device=recv_counts.device).repeat(ep)  # (ep * El,)
-    row_expert = local_expert.repeat_interleave(recv_counts.flatten())  # (R,)
-    regroup = row_expert.argsort(stable=True)
-    ungroup = torch.empty_like(regroup)
-    ungroup[regroup] = torch.arange(regroup.numel(), device=regroup.device)
-    return regroup, ungroup
-
-
-@dataclass
-class _Chunk:
-    """One chunk's exchange in the overlapped path (R rows received)."""
-
-    send_splits: list[int]  # rows sent to each rank of the group
+    send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
-    tokens_per_local_expert: torch.Tensor  # (El,)
-    regroup: torch.Tensor  # (R,) received row of each row in local-expert order
-    ungroup: torch.Tensor  # (R,) its inverse
+    batch: ExpertBatch  # the received assignments, over the received rows
 
 
 class _OverlappedExperts(torch.autograd.Function):
     """The experts between the two exchanges, chunk by chunk, with the exchanges in flight.
 
-    rows (S, D), grouped by (chunk, destination rank) -> the experts' outputs (S, D) in the same
-    order. All chunks' rows are posted first; then for each
-    chunk: wait for its rows, regroup by local expert, run the experts, post the outputs back.
-    Each chunk's experts run as their own small autograd graph on detached inputs, which backward
-    differentiates with torch.autograd.grad; the input gradients travel back overlapped, and the
-    expert weights (inputs of this function) get the sum over chunks, accumulated once (DeepSpeed's
-    ZeRO-2 reduces a gradient when it is accumulated and refuses a second one).
+    rows (U, D) grouped by (chunk, destination rank) and the received router weights (all chunks'
+    assignments, chunk by chunk) -> one output row per row sent, in the same order. All chunks'
+    rows are posted first; then for each chunk: wait for its rows, run the experts and sum each
+    row's outputs (run_experts), post them back. Each chunk's experts run as their own small
+    autograd graph on detached inputs, which backward differentiates with torch.autograd.grad; the
+    input gradients travel back overlapped, and the expert weights (inputs of this function) get
+    the sum over chunks, accumulated once (DeepSpeed's ZeRO-2 reduces a gradient when it is
+    accumulated and refuses a second one).
     """
 
     @staticmethod
-    def forward(ctx, rows, chunks: list[_Chunk], experts: nn.Module, group, *params):
+    def forward(ctx, rows, weights, chunks: list[_Exchange], experts: nn.Module, group, *params):
         sizes = [sum(c.send_splits) for c in chunks]
         posted = [
             _post_rows(r, c.recv_splits, c.send_splits, group, "tokens, overlapped")
@@ -144,15 +124,15 @@ class _OverlappedExperts(torch.autograd.Function):
         ]
         out = torch.empty_like(rows)
         returning, graphs = [], []
-        for c, rows_in, out_c in zip(chunks, posted, out.split(sizes)):
+        chunk_weights = weights.split([c.batch.order.numel() for c in chunks])  # (A,) each
+        for c, rows_in, w, out_c in zip(chunks, posted, chunk_weights, out.split(sizes)):
             with torch.enable_grad():
-                x = rows_in.wait().index_select(0, c.regroup).requires_grad_()  # (R, D)
-                y = experts(x, c.tokens_per_local_expert)
-            back = y.detach().index_select(0, c.ungroup)
+                x, w = rows_in.wait().requires_grad_(), w.detach().requires_grad_()  # (R, D), (A,)
+                y = run_experts(x, w, c.batch, experts)
             returning.append(
-                _Posted(out_c, back, c.send_splits, c.recv_splits, group, "expert outputs, overlapped")
+                _Posted(out_c, y.detach(), c.send_splits, c.recv_splits, group, "expert outputs, overlapped")
             )
-            graphs.append((x, y))
+            graphs.append((x, w, y))
         for p in returning:
             p.wait()
         ctx.chunks, ctx.graphs, ctx.group, ctx.params = chunks, graphs, group, params
@@ -168,22 +148,21 @@ class _OverlappedExperts(torch.autograd.Function):
         ]
         grad_rows = torch.empty_like(grad_out)
         grad_params = [torch.zeros_like(p) for p in ctx.params]
-        returning = []
-        for c, grad_in, (x, y), gr_c in zip(chunks, posted, ctx.graphs, grad_rows.split(sizes)):
-            grad_y = grad_in.wait().index_select(0, c.regroup)
-            gx, *gp = torch.autograd.grad(y, (x, *ctx.params), grad_y, allow_unused=True)
-            gx = gx if gx is not None else torch.zeros_like(x)
+        grad_weights, returning = [], []
+        for c, grad_in, (x, w, y), gr_c in zip(chunks, posted, ctx.graphs, grad_rows.split(sizes)):
+            gx, gw, *gp = torch.autograd.grad(y, (x, w, *ctx.params), grad_in.wait(), allow_unused=True)
             for total, g in zip(grad_params, gp):
                 if g is not None:
                     total += g
-            back = gx.index_select(0, c.ungroup)
+            grad_weights.append(gw if gw is not None else torch.zeros_like(w))
+            back = gx if gx is not None else torch.zeros_like(x)
             returning.append(
                 _Posted(gr_c, back, c.send_splits, c.recv_splits, group, "tokens backward, overlapped")
             )
         for p in returning:
             p.wait()
         del ctx.graphs
-        return grad_rows, None, None, None, *grad_params
+        return grad_rows, torch.cat(grad_weights), None, None, None, *grad_params
 
 
 class AllToAllDispatcher(LocalDispatcher):
@@ -203,44 +182,61 @@ class AllToAllDispatcher(LocalDispatcher):
         self.overlap_chunks = overlap_chunks
 
     def route(self, x: torch.Tensor, routing: Routing, experts: nn.Module) -> tuple[torch.Tensor, int]:
-        if self.overlap_chunks == 1:
-            return super().route(x, routing, experts)
         ep, El, C = self.ep, self.num_local_experts, self.overlap_chunks
-        x_sorted, counts, state = self.permute(x, routing, chunks=C)  # (S, D), (C, E)
-        per_rank = counts.view(C, ep, El)
-        # recv_counts[src, c, e]: rows rank `src` sends to this rank's local expert e in chunk c
-        recv_counts = _all_to_all(per_rank.transpose(0, 1).flatten(), [C * El] * ep, [C * El] * ep,
-                                  self.group, "token counts").view(ep, C, El)  # fmt: skip
-        send_splits, recv_splits = per_rank.sum(-1).tolist(), recv_counts.sum(-1).T.tolist()
-        chunks = [
-            _Chunk(
-                send_splits[c], recv_splits[c], recv_counts[:, c].sum(0), *_regroup_order(recv_counts[:, c])
+        token, expert, keep = self.assignments(routing)  # (A,) each, in token order
+        num_kept = expert.numel() if keep is None else int(keep.sum())
+        # group the kept assignments by (chunk, destination rank), in token order within each
+        chunk_tokens = max(1, math.ceil(x.shape[0] / C))
+        key = token // chunk_tokens * ep + expert // El  # (A,)
+        if keep is not None:
+            key = key.masked_fill(~keep, C * ep)  # dropped: sorted last, then cut
+        sent = key.argsort(stable=True)[:num_kept]  # (A,) assignments in sending order
+        key, token = key[sent], token[sent]
+        new_row = torch.ones_like(key, dtype=torch.bool)
+        new_row[1:] = (key[1:] != key[:-1]) | (token[1:] != token[:-1])  # a new (token, rank) pair
+        row = new_row.cumsum(0) - 1  # (A,) the row each assignment reads
+        row_key, row_token = key[new_row], token[new_row]  # (U,)
+        rows_per_key = torch.bincount(row_key, minlength=C * ep)
+        # meta: the assignment's row within its (chunk, rank) block, and its local expert
+        meta = (row - (rows_per_key.cumsum(0) - rows_per_key)[key]) * El + expert[sent] % El
+        weights = routing.weights.flatten().index_select(0, sent)  # (A,)
+        # counts[c, r] = (rows, assignments) this rank sends rank r in chunk c
+        counts = torch.stack([rows_per_key, torch.bincount(key, minlength=C * ep)], dim=-1).view(C, ep, 2)
+        recv_counts = _all_to_all(counts.transpose(0, 1).flatten(), [2 * C] * ep, [2 * C] * ep,
+                                  self.group, "counts").view(ep, C, 2)  # fmt: skip
+        sent_host, recv_host = counts.tolist(), recv_counts.tolist()  # the splits: [c][r] and [r][c]
+        per_chunk = [sum(assignments for _, assignments in chunk) for chunk in sent_host]
+        exchanges, recv_weights = [], []
+        for c, (meta_c, weights_c) in enumerate(zip(meta.split(per_chunk), weights.split(per_chunk))):
+            send_rows, send_assignments = (list(n) for n in zip(*sent_host[c]))
+            recv_rows, recv_assignments = (list(n) for n in zip(*(recv_host[r][c] for r in range(ep))))
+            meta_in = _all_to_all(meta_c, recv_assignments, send_assignments, self.group, "assignments")
+            recv_weights.append(
+                _AllToAll.apply(weights_c, recv_assignments, send_assignments, self.group, "router weights")
             )
-            for c in range(C)
-        ]
-        params = [p for p in experts.parameters() if p.requires_grad]
-        y_sorted = _OverlappedExperts.apply(x_sorted, chunks, experts, self.group, *params)
-        return self.unpermute(y_sorted, state), state.num_dropped
-
-    def dispatch(
-        self, x: torch.Tensor, routing: Routing
-    ) -> tuple[torch.Tensor, torch.Tensor, ExpertParallelState]:
-        ep, El = self.ep, self.num_local_experts
-        x_sorted, tokens_per_expert, local_state = self.permute(x, routing)  # (S, D), (E,)
-        # recv_counts[src, e]: rows rank `src` sends to this rank's local expert e
-        recv_counts = _all_to_all(tokens_per_expert, [El] * ep, [El] * ep, self.group, "token counts")
-        recv_counts = recv_counts.view(ep, El)
-        send_splits = tokens_per_expert.view(ep, El).sum(dim=1).tolist()
-        recv_splits = recv_counts.sum(dim=1).tolist()
-        x_recv = _AllToAll.apply(x_sorted, recv_splits, send_splits, self.group, "tokens")  # (R, D)
-        regroup, ungroup = _regroup_order(recv_counts)
-        state = ExpertParallelState(local_state, regroup, ungroup, send_splits, recv_splits)
-        return _PermuteRows.apply(x_recv, regroup, ungroup), recv_counts.sum(dim=0), state
-
-    def combine(self, y: torch.Tensor, state: ExpertParallelState) -> torch.Tensor:
-        y_recv = _PermuteRows.apply(y, state.ungroup, state.regroup)  # back to (source, expert) order
-        y_sorted = _AllToAll.apply(y_recv, state.send_splits, state.recv_splits, self.group, "expert outputs")
-        return self.unpermute(y_sorted, state.local)
+            # the received row each received assignment reads: its source's block, then its row there
+            source = torch.arange(ep, device=x.device).repeat_interleave(
+                recv_counts[:, c, 1], output_size=len(meta_in)
+            )
+            first_row = recv_counts[:, c, 0].cumsum(0) - recv_counts[:, c, 0]  # (ep,)
+            row_in = first_row[source] + meta_in // El  # nondecreasing
+            batch = sort_by_expert(row_in, meta_in % El, sum(recv_rows), El)
+            exchanges.append(_Exchange(send_rows, recv_rows, batch))
+        token_bags = Bags.of(row_token, x.shape[0])
+        x_sent = gather_rows(x, token_bags)  # (U, D)
+        if C == 1:
+            (exchange,) = exchanges
+            x_in = _AllToAll.apply(x_sent, exchange.recv_splits, exchange.send_splits, self.group, "tokens")
+            y_in = run_experts(x_in, recv_weights[0], exchange.batch, experts)  # (R, D)
+            y_sent = _AllToAll.apply(
+                y_in, exchange.send_splits, exchange.recv_splits, self.group, "expert outputs"
+            )
+        else:
+            params = [p for p in experts.parameters() if p.requires_grad]
+            y_sent = _OverlappedExperts.apply(
+                x_sent, torch.cat(recv_weights), exchanges, experts, self.group, *params
+            )
+        return sum_rows(y_sent, token_bags), expert.numel() - num_kept
 
 
 def apply_expert_parallel(model: nn.Module, topology: Topology, overlap_chunks: int = 1) -> None:

@@ -167,11 +167,17 @@ def hf_config(config: ModelConfig):
 
 def to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> HF tensors (Hub key layout), all contiguous."""
-    if config.moe.score_function != "softmax":
-        raise ConfigError(
-            f"model.moe.score_function={config.moe.score_function}: Mixtral and Qwen2-MoE route with a "
-            "softmax over the experts"
-        )
+    moe = config.moe
+    unsupported = {
+        f"model.moe.score_function={moe.score_function}": moe.score_function != "softmax",
+        f"model.moe.topk_groups={moe.topk_groups}": moe.topk_groups != 0,
+        f"model.moe.routed_scaling_factor={moe.routed_scaling_factor}": moe.routed_scaling_factor != 1.0,
+    }
+    for setting, used in unsupported.items():
+        if used:
+            raise ConfigError(
+                f"{setting}: Mixtral and Qwen2-MoE route with a softmax over all the experts, unscaled"
+            )
     for key, value in state.items():
         if key.endswith("router.expert_bias") and torch.count_nonzero(value):
             raise ConfigError(

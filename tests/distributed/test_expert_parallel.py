@@ -105,11 +105,11 @@ def test_capacity_that_drops_nothing_matches_dropless(tmp_path, reference_run):
 
 
 def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(tmp_path):
-    """DeepSeek's balancing: sigmoid scores, the routing bias and a small sequence-wise aux loss
-    (DeepSeek-V3), and the device-level loss (DeepSeekMoE). The bias moves from the global batch's
-    counts: every rank moves it alike, and as one process does. The device-level loss over two
-    groups of experts (one per rank at ep=2) is the same on one process, where both groups are on
-    the same device."""
+    """DeepSeek's routing and balancing: sigmoid scores, group-limited routing and the scaling
+    factor, the routing bias and a small sequence-wise aux loss (DeepSeek-V3), and the device-level
+    loss (DeepSeekMoE). The bias moves from the global batch's counts: every rank moves it alike,
+    and as one process does. The device-level loss over two groups of experts (one per rank at
+    ep=2) is the same on one process, where both groups are on the same device."""
     balancing = (
         "model.moe.score_function=sigmoid",
         "model.moe.bias_update_rate=0.01",
@@ -117,6 +117,8 @@ def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(t
         "model.moe.aux_loss_scope=sequence",
         "model.moe.num_expert_groups=2",
         "model.moe.device_aux_loss_coef=0.1",
+        "model.moe.topk_groups=1",  # V3's group-limited routing: each token to one rank's experts
+        "model.moe.routed_scaling_factor=2.5",
     )
     single = train_run(tmp_path, "single", 1, 1, *balancing)
     metrics, params = train_run(tmp_path, "ep2", 2, 2, *balancing)
@@ -168,5 +170,5 @@ def test_world_size_must_be_divisible_by_ep(monkeypatch):
 def test_a_failed_peer_gives_an_error_naming_the_collective(tmp_path, how):
     with pytest.raises(RankFailed) as failed:
         run_ranks(2, workers.peer_fails_during_all_to_all, how, tmp_path, result_dir=tmp_path, timeout=60)
-    assert "expert-parallel all_to_all_single (token counts) failed on rank 0" in failed.value.errors[0]
+    assert "expert-parallel all_to_all_single (counts) failed on rank 0" in failed.value.errors[0]
     assert float((tmp_path / "elapsed").read_text()) < 30  # the 6 s timeout, not a hang

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from moe_train.config import ParallelConfig
 from moe_train.model.moe import MoE
+from moe_train.parallel import expert_parallel
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.topology import Topology
 
@@ -63,10 +64,11 @@ def moe_layer_matches_single_process(rank, ep, capacity_factor, result_dir, over
 
 
 def round_trip(rank, ep, result_dir):
-    """Identity experts: every token comes back to its place; each rank receives exactly the rows
-    routed to its own experts. Routings: the router's, and adversarial ones where every token of
-    every rank goes to the first two experts (rank 0 gets all rows, the others none) or to the last
-    two (the last rank gets all)."""
+    """Identity experts and router weights that sum to 1: every token comes back to its place. Each
+    rank's experts see exactly the assignments routed to them, and a token travels once to each
+    rank holding any of its experts, however many of them. Routings: the router's, and adversarial
+    ones where every token of every rank goes to the first two experts (both on rank 0, which gets
+    all the rows, the others none) or to the last two (the last rank)."""
     topo = Topology.setup(ParallelConfig(ep=ep), "cpu")
     moe = build_moe()
     apply_expert_parallel(moe, topo)
@@ -75,19 +77,31 @@ def round_trip(rank, ep, result_dir):
     routing = moe.router(x)
     routing.weights = torch.full_like(routing.weights, 1 / moe.top_k)
     El = 8 // ep
+    received, post_rows = [], expert_parallel._post_rows
+
+    def recording(rows, output_splits, input_splits, group, what):
+        if what == "tokens":
+            received.append(sum(output_splits))
+        return post_rows(rows, output_splits, input_splits, group, what)
+
+    expert_parallel._post_rows = recording
+    seen = []
     for experts in (
         routing.experts,
         torch.tensor([[0, 1]]).expand(17, 2),
         torch.tensor([[7, 6]]).expand(17, 2),
     ):
         routing.experts = experts
-        rows, tokens_per_local_expert, state = moe.dispatcher.dispatch(x, routing)
-        counts = torch.bincount(routing.experts.flatten(), minlength=8)
+        out, dropped = moe.dispatcher.route(x, routing, lambda rows, counts: seen.append(counts) or rows)
+        torch.testing.assert_close(out, x)
+        counts = torch.bincount(experts.flatten(), minlength=8)
         dist.all_reduce(counts)
-        assert (
-            tokens_per_local_expert.tolist() == counts[topo.ep_rank * El : (topo.ep_rank + 1) * El].tolist()
-        )
-        torch.testing.assert_close(moe.dispatcher.combine(rows, state), x)
+        assert seen[-1].tolist() == counts[topo.ep_rank * El : (topo.ep_rank + 1) * El].tolist()
+        tokens_for = (
+            torch.zeros(17, ep).scatter_(1, experts // El, 1.0).sum(0)
+        )  # (ep,) tokens sent to each rank
+        dist.all_reduce(tokens_for)
+        assert received[-1] == tokens_for[topo.ep_rank]
     Path(result_dir, f"rank{rank}.ok").write_text("ok")
 
 

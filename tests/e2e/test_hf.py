@@ -3,6 +3,7 @@ import gives back the same weights, and what cannot be exported exactly is refus
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ import torch
 
 from moe_train.config import ConfigError
 from moe_train.tools.export_hf import export
+from moe_train.tools.hf import to_hf
 from moe_train.tools.hydra_config import compose_config
 from moe_train.tools.import_hf import import_folder
-from moe_train.train.checkpoint import load_model
+from moe_train.train.checkpoint import load_config, load_model, resolve_checkpoint
 from moe_train.train.trainer import run
 from tests.conftest import TINY
 
@@ -139,11 +141,18 @@ def test_export_refuses_an_existing_folder(tmp_path):
         export(run_dir, tmp_path / "taken")
 
 
-def test_export_refuses_sigmoid_routing(tmp_path):
+def test_export_refuses_routing_it_cannot_express(tmp_path):
     run_dir = trained(tmp_path, "model.moe.score_function=sigmoid")
     with pytest.raises(ConfigError, match="^model.moe.score_function=sigmoid: Mixtral and Qwen2-MoE route"):
         export(run_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+    config = load_config(resolve_checkpoint(run_dir)).model
+    for setting, moe in [
+        ("topk_groups=1", replace(config.moe, score_function="softmax", num_expert_groups=2, topk_groups=1)),
+        ("routed_scaling_factor=2.5", replace(config.moe, score_function="softmax", routed_scaling_factor=2.5)),
+    ]:
+        with pytest.raises(ConfigError, match=f"^model.moe.{setting}: Mixtral and Qwen2-MoE route"):
+            to_hf(replace(config, moe=moe), {})
 
 
 # ---- growing a model: sparse upcycling and depth up-scaling ----

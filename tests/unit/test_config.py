@@ -67,6 +67,20 @@ from moe_train.tools.hydra_config import compose_config
         ),
         (lambda: MoEConfig(num_experts=8, capacity_factor=0.0), "model.moe.capacity_factor=0.0 must be > 0"),
         (
+            lambda: MoEConfig(num_experts=8, top_k=2, num_expert_groups=4, topk_groups=4),
+            "model.moe.topk_groups=4 must be between 1 and model.moe.num_expert_groups - 1 (3), at most "
+            "model.moe.top_k=2, and its groups must hold top_k experts (2 each); 0 turns group-limited "
+            "routing off",
+        ),
+        (  # one group of 2 experts cannot hold a top-4
+            lambda: MoEConfig(num_experts=8, top_k=4, num_expert_groups=4, topk_groups=1),
+            "model.moe.topk_groups=1 must be between 1",
+        ),
+        (
+            lambda: MoEConfig(num_experts=8, routed_scaling_factor=0.0),
+            "model.moe.routed_scaling_factor=0.0 must be > 0",
+        ),
+        (
             lambda: MoEConfig(num_experts=8, bias_update_rate=-0.1),
             "model.moe.bias_update_rate=-0.1 must be >= 0",
         ),

@@ -31,27 +31,42 @@ def make_moe(
     dim=16,
     hidden=24,
     score="softmax",
+    **kwargs,
 ):
     torch.manual_seed(0)
-    moe = MoE(dim, hidden, num_experts, top_k, shared, renormalize, capacity_factor, score_function=score)
+    moe = MoE(
+        dim, hidden, num_experts, top_k, shared, renormalize, capacity_factor, score_function=score, **kwargs
+    )
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return moe
 
 
 def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
-    """One token at a time: softmax (or sigmoid), top-k, (renormalise), weighted sum of the chosen
-    experts."""
-    experts = moe.experts
+    """One token at a time: softmax (or sigmoid), top-k (from the best topk_groups groups, by the sum
+    of their top k / topk_groups scores), (renormalise), scale, weighted sum of the chosen experts."""
+    experts, router = moe.experts, moe.router
     out = []
     taken = [0] * moe.num_experts
     for t in range(x.shape[0]):
         xt = x[t]
         logits = moe.router.gate.weight @ xt
-        probs = logits.sigmoid() if moe.router.sigmoid else logits.softmax(-1)
-        weights, ids = probs.topk(moe.top_k)
-        if moe.router.renormalize:
+        probs = logits.sigmoid() if router.sigmoid else logits.softmax(-1)
+        allowed = list(range(moe.num_experts))
+        if router.topk_groups:
+            size = moe.num_experts // router.num_groups
+            groups = [
+                sorted(probs[g * size : (g + 1) * size].tolist())[::-1] for g in range(router.num_groups)
+            ]
+            best = sorted(
+                range(router.num_groups), key=lambda g: -sum(groups[g][: moe.top_k // router.topk_groups])
+            )
+            allowed = [e for e in allowed if e // size in best[: router.topk_groups]]
+        weights, picked = probs[allowed].topk(moe.top_k)
+        ids = torch.tensor(allowed)[picked]
+        if router.renormalize:
             weights = weights / weights.sum()
+        weights = weights * router.scaling_factor
         y = torch.zeros_like(xt)
         for w, e in zip(weights, ids.tolist()):
             taken[e] += 1
@@ -67,19 +82,23 @@ def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.T
 
 
 @pytest.mark.parametrize(
-    "num_experts,top_k,shared,renormalize,score",
+    "num_experts,top_k,shared,renormalize,score,groups",
     [
-        (8, 2, 0, True, "softmax"),
-        (16, 4, 0, True, "softmax"),
-        (16, 4, 2, False, "softmax"),
-        (4, 1, 0, False, "softmax"),
-        (4, 4, 1, True, "softmax"),
-        (8, 2, 0, True, "sigmoid"),
-        (16, 4, 2, False, "sigmoid"),
+        (8, 2, 0, True, "softmax", {}),
+        (16, 4, 0, True, "softmax", {}),
+        (16, 4, 2, False, "softmax", {}),
+        (4, 1, 0, False, "softmax", {}),
+        (4, 4, 1, True, "softmax", {}),
+        (8, 2, 0, True, "sigmoid", {}),
+        (16, 4, 2, False, "sigmoid", {}),
+        (16, 4, 0, True, "softmax", dict(num_expert_groups=4, topk_groups=2, routed_scaling_factor=2.5)),
+        (16, 6, 1, False, "sigmoid", dict(num_expert_groups=8, topk_groups=3)),
     ],
 )
-def test_moe_matches_naive_reference_outputs_and_gradients(num_experts, top_k, shared, renormalize, score):
-    moe = make_moe(num_experts, top_k, shared, renormalize, score=score)
+def test_moe_matches_naive_reference_outputs_and_gradients(
+    num_experts, top_k, shared, renormalize, score, groups
+):
+    moe = make_moe(num_experts, top_k, shared, renormalize, score=score, **groups)
     x = torch.randn(2, 13, 16)
     x_ref = x.clone().requires_grad_()
     x.requires_grad_()
@@ -98,20 +117,32 @@ def test_moe_matches_naive_reference_outputs_and_gradients(num_experts, top_k, s
 
 
 @pytest.mark.parametrize(
-    "num_experts,top_k,shared,score", [(8, 2, 0, "softmax"), (16, 4, 2, "softmax"), (16, 4, 2, "sigmoid")]
+    "num_experts,top_k,shared,score,groups",
+    [
+        (8, 2, 0, "softmax", {}),
+        (16, 4, 2, "softmax", {}),
+        (16, 4, 2, "sigmoid", {}),
+        (16, 6, 1, "sigmoid", dict(num_expert_groups=8, topk_groups=3, routed_scaling_factor=2.5)),
+    ],
 )
-def test_moe_matches_megatron_core_layer(num_experts, top_k, shared, score):
+def test_moe_matches_megatron_core_layer(num_experts, top_k, shared, score, groups):
     """megatron-core's MoELayer holding our weights (as bench.moe_layer builds it) is an independent
     implementation of the same layer: its output and every gradient agree with ours, the router's
     included, through the load-balancing and z losses at Megatron's normalisation (for sigmoid
-    scores: normalised to sum to 1 per token)."""
+    scores: normalised to sum to 1 per token), and with its group-limited routing and scaling
+    factor (DeepSeek-V3's router; Megatron ranks the groups of a softmax router on its logits, so
+    the comparison takes sigmoid scores, which both rank alike). With groups the aux loss is off:
+    Megatron counts its f_e over a top-k without the group limit, ours over the actual choices."""
     from bench.moe_layer import megatron_moe, world_of_one
 
-    aux_coef, z_coef = 0.5, 0.1  # large, so a loss normalised otherwise shows in the router's gradient
-    moe = make_moe(num_experts, top_k, shared, score=score)
+    # large, so a loss normalised otherwise shows in the router's gradient
+    aux_coef, z_coef = (0.0 if groups else 0.5), 0.1
+    moe = make_moe(num_experts, top_k, shared, score=score, **groups)
     x = torch.randn(26, 16, requires_grad=True)
     with world_of_one(wanted=("megatron",)):
-        block = megatron_moe(moe, 16, 24, num_experts, top_k, shared, x.device, aux_coef, z_coef, score)
+        block = megatron_moe(
+            moe, 16, 24, num_experts, top_k, shared, x.device, aux_coef, z_coef, score, **groups
+        )  # fmt: skip
         x_ref = x.detach().clone().requires_grad_()
         ref = block(x_ref.view(26, 1, 16))[0].view(26, 16)  # sequence-first
         grad_out = torch.randn(26, 16)
@@ -174,6 +205,32 @@ def test_sigmoid_scores_by_hand():
     torch.testing.assert_close(router(torch.tensor([[2.0, 1.0]])).weights, (s[:2] / s[:2].sum()).unsqueeze(0))
 
 
+def test_group_limited_routing_by_hand():
+    """Groups {0, 1} and {2, 3}, top-2 from one group: the group whose top-2 scores sum highest
+    wins, though expert 0 alone scores highest; then the weights are scaled."""
+    router = TopKRouter(
+        4, 4, 2, False, score_function="sigmoid", num_groups=2, topk_groups=1, scaling_factor=2.5
+    )
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(4))
+    routing = router(torch.tensor([[3.0, -3.0, 2.0, 2.0]]))  # group sums 1.0 and 1.76
+    s = torch.sigmoid(torch.tensor(2.0))
+    assert sorted(routing.experts.tolist()[0]) == [2, 3]
+    torch.testing.assert_close(routing.weights, torch.full((1, 2), 2.5 * s.item()))
+    router.topk_groups = 0
+    assert sorted(router(torch.tensor([[3.0, -3.0, 2.0, 2.0]])).experts.tolist()[0])[0] == 0
+
+
+def test_group_limited_routing_keeps_every_token_within_its_groups():
+    router = TopKRouter(16, 64, 6, True, expert_bias=True, num_groups=8, topk_groups=3)
+    router.expert_bias.normal_()  # the bias takes part in choosing the groups too
+    x = torch.randn(500, 16)
+    groups_of = lambda r: torch.zeros(500, 8).scatter_(1, r.experts // 8, 1.0).sum(1)  # noqa: E731
+    assert groups_of(router(x)).max() == 3
+    router.topk_groups = 0
+    assert groups_of(router(x)).max() > 3  # a limit that binds
+
+
 def test_expert_bias_update_by_hand():
     router = TopKRouter(4, 4, 1, renormalize=True, expert_bias=True)
     router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]), rate=0.1)  # mean 5
@@ -227,6 +284,19 @@ def routing_of(experts: torch.Tensor, num_experts: int) -> Routing:
     return Routing(logits, logits.softmax(-1), experts, weights)
 
 
+class Recorded(nn.Module):
+    """Stands in for the experts and keeps what it was given: the identity, or with `distinct` row
+    i (grouped by expert) times i + 1, so rows differ as experts' outputs do."""
+
+    def __init__(self, distinct: bool):
+        super().__init__()
+        self.distinct = distinct
+
+    def forward(self, rows, counts):
+        self.rows, self.counts = rows, counts
+        return rows * torch.arange(1, rows.shape[0] + 1).unsqueeze(-1) if self.distinct else rows
+
+
 @pytest.mark.parametrize(
     "name,experts",
     [
@@ -236,53 +306,60 @@ def routing_of(experts: torch.Tensor, num_experts: int) -> Routing:
         ("one token", torch.tensor([[5, 2]])),
     ],
 )
-def test_permutation_round_trip(name, experts):
+def test_experts_see_their_rows_grouped_and_tokens_come_back(name, experts):
     dispatcher = LocalDispatcher(num_experts=8, top_k=2)
     x = torch.randn(experts.shape[0], 4)
-    x_sorted, counts, state = dispatcher.permute(x, routing_of(experts, 8))
-    assert counts.tolist() == torch.bincount(experts.flatten(), minlength=8).tolist()
-    # rows come out grouped by expert, in expert order
-    expert_of_row = torch.repeat_interleave(torch.arange(8), counts)
-    assert torch.equal(expert_of_row, experts.flatten()[state.order])
-    # identity experts + weights 1/k: combine gives every token back in its place
-    torch.testing.assert_close(dispatcher.unpermute(x_sorted, state), x)
+    recorded = Recorded(distinct=False)
+    out, dropped = dispatcher.route(x, routing_of(experts, 8), recorded)
+    assert recorded.counts.tolist() == torch.bincount(experts.flatten(), minlength=8).tolist()
+    # the experts get each token's row once per assignment, grouped by expert in expert order,
+    # in token order within an expert
+    assert torch.equal(recorded.rows, x[experts.flatten().argsort(stable=True) // 2])
+    # identity experts + weights 1/k: every token back in its place
+    torch.testing.assert_close(out, x)
+    assert dropped == 0
 
 
-@pytest.mark.parametrize("chunks", [2, 3, 7, 60])
-def test_chunked_permutation_groups_rows_by_chunk_then_expert(chunks):
-    """The overlapped EP path's sort: tokens cut into runs of ceil(N / chunks) (so with N < chunks
-    some chunks are empty), rows grouped by (chunk, expert), counts (chunks, E)."""
-    torch.manual_seed(0)
-    experts = torch.randint(0, 8, (50, 2))
-    dispatcher = LocalDispatcher(num_experts=8, top_k=2)
-    x = torch.randn(50, 4)
-    x_sorted, counts, state = dispatcher.permute(x, routing_of(experts, 8), chunks=chunks)
-    run = math.ceil(50 / chunks)
-    expected = torch.zeros(chunks, 8, dtype=torch.long)
-    for t in range(50):
-        for e in experts[t].tolist():
-            expected[t // run, e] += 1
-    assert torch.equal(counts, expected)
-    key_of_row = (state.token // run) * 8 + experts.flatten()[state.order]
-    assert torch.equal(key_of_row, key_of_row.sort().values)  # grouped by (chunk, expert)
-    assert torch.equal(x_sorted, x[state.token])
-    torch.testing.assert_close(dispatcher.unpermute(x_sorted, state), x)
+@pytest.mark.parametrize(
+    "name,experts",
+    [
+        ("random", torch.randint(0, 8, (50, 2))),
+        ("all tokens to one expert", torch.full((50, 2), 3)),
+        ("most experts empty", torch.tensor([[0, 7]] * 50)),
+    ],
+)
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_routing_gradients_match_indexing_reference(name, experts, capacity_factor):
+    """The gathers and weighted sums of the dispatch (each other's adjoint, no scatter) against
+    plain indexing and index_put: the rows the experts see, the combined output, and gradients of x
+    and the router weights, with and without capacity drops (a token whose rows all drop: zeros)."""
+    dispatcher = LocalDispatcher(num_experts=8, top_k=2, capacity_factor=capacity_factor)
+    routing = routing_of(experts, 8)
+    routing.weights = torch.rand(experts.shape).requires_grad_()
+    x = torch.randn(experts.shape[0], 4, requires_grad=True)
+    recorded = Recorded(distinct=True)
+    out, dropped = dispatcher.route(x, routing, recorded)
 
-
-def test_chunked_permutation_drops_what_the_unchunked_one_drops():
-    """Capacity counts over all the layer's tokens, whatever the chunks."""
-    torch.manual_seed(0)
-    routing = routing_of(torch.randint(0, 8, (50, 2)), 8)
-    dispatcher = LocalDispatcher(num_experts=8, top_k=2, capacity_factor=0.75)
-    x = torch.randn(50, 4)
-    _, counts, state = dispatcher.permute(x, routing)
-    _, chunk_counts, chunk_state = dispatcher.permute(x, routing, chunks=3)
-    assert state.num_dropped > 0
-    assert torch.equal(chunk_counts.sum(0), counts)
-    assert torch.equal(chunk_state.order.sort().values, state.order.sort().values)
-    torch.testing.assert_close(
-        dispatcher.unpermute(x[chunk_state.token], chunk_state), dispatcher.unpermute(x[state.token], state)
+    order = experts.flatten().argsort(stable=True)
+    if capacity_factor is not None:
+        capacity = dispatcher.capacity(experts.shape[0])
+        starts = torch.cumsum(torch.bincount(experts.flatten(), minlength=8), 0)
+        starts = starts - torch.bincount(experts.flatten(), minlength=8)
+        rank_in_expert = torch.arange(order.numel()) - starts[experts.flatten()[order]]
+        order = order[rank_in_expert < capacity]
+    ref_sorted = x[order // 2]
+    ref_y = ref_sorted * torch.arange(1, order.numel() + 1).unsqueeze(-1)
+    ref = torch.zeros_like(x).index_put(
+        (order // 2,), ref_y * routing.weights.flatten()[order, None], accumulate=True
     )
+    assert torch.equal(recorded.rows, ref_sorted)
+    assert dropped == experts.numel() - order.numel()
+    torch.testing.assert_close(out, ref)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, routing.weights], grad_out)
+    grads_ref = torch.autograd.grad(ref, [x, routing.weights], grad_out)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
 
 
 ADVERSARIAL_COUNTS = {
@@ -325,48 +402,6 @@ def test_grouped_experts_match_loop_reference(name):
     weight_grads = grads[1 : 1 + len(list(experts.parameters()))]
     for e in (counts == 0).nonzero().flatten().tolist():
         assert not any(g[e].any() for g in weight_grads)
-
-
-@pytest.mark.parametrize(
-    "name,experts",
-    [
-        ("random", torch.randint(0, 8, (50, 2))),
-        ("all tokens to one expert", torch.full((50, 2), 3)),
-        ("most experts empty", torch.tensor([[0, 7]] * 50)),
-    ],
-)
-@pytest.mark.parametrize("capacity_factor", [None, 0.5])
-def test_permutation_gradients_match_indexing_reference(name, experts, capacity_factor):
-    """permute/unpermute (gathers that are each other's adjoint, or index_add with drops) against
-    plain indexing: forward rows, combined output, and gradients of x and the router weights."""
-    dispatcher = LocalDispatcher(num_experts=8, top_k=2, capacity_factor=capacity_factor)
-    routing = routing_of(experts, 8)
-    routing.weights = torch.rand(experts.shape).requires_grad_()
-    x = torch.randn(experts.shape[0], 4, requires_grad=True)
-    x_sorted, counts, state = dispatcher.permute(x, routing)
-    y = x_sorted * torch.arange(1, x_sorted.shape[0] + 1).unsqueeze(-1)  # rows differ, as experts do
-    out = dispatcher.unpermute(y, state)
-
-    order = experts.flatten().argsort(stable=True)
-    if capacity_factor is not None:
-        capacity = dispatcher.capacity(experts.shape[0])
-        starts = torch.cumsum(torch.bincount(experts.flatten(), minlength=8), 0)
-        starts = starts - torch.bincount(experts.flatten(), minlength=8)
-        rank_in_expert = torch.arange(order.numel()) - starts[experts.flatten()[order]]
-        order = order[rank_in_expert < capacity]
-    ref_sorted = x[order // 2]
-    ref_y = ref_sorted * torch.arange(1, order.numel() + 1).unsqueeze(-1)
-    ref = torch.zeros_like(x).index_put(
-        (order // 2,), ref_y * routing.weights.flatten()[order, None], accumulate=True
-    )
-    assert torch.equal(x_sorted, ref_sorted)
-    assert state.num_dropped == experts.numel() - order.numel()
-    torch.testing.assert_close(out, ref)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [x, routing.weights], grad_out)
-    grads_ref = torch.autograd.grad(ref, [x, routing.weights], grad_out)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref)
 
 
 def test_load_balancing_loss_hand_computed():
