@@ -149,7 +149,10 @@ def test_export_refuses_routing_it_cannot_express(tmp_path):
     config = load_config(resolve_checkpoint(run_dir)).model
     for setting, moe in [
         ("topk_groups=1", replace(config.moe, score_function="softmax", num_expert_groups=2, topk_groups=1)),
-        ("routed_scaling_factor=2.5", replace(config.moe, score_function="softmax", routed_scaling_factor=2.5)),
+        (
+            "routed_scaling_factor=2.5",
+            replace(config.moe, score_function="softmax", routed_scaling_factor=2.5),
+        ),
     ]:
         with pytest.raises(ConfigError, match=f"^model.moe.{setting}: Mixtral and Qwen2-MoE route"):
             to_hf(replace(config, moe=moe), {})
