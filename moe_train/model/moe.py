@@ -225,12 +225,14 @@ class ExpertBatch:
     num_dropped: int  # assignments over capacity, left out
 
 
-def within_capacity(expert: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor | None:
+def within_capacity(
+    expert: torch.Tensor, num_experts: int, capacity: int | None, order: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """(A,) bool: each expert keeps its first `capacity` assignments, in assignment order (token
-    order); None without a limit."""
+    order); None without a limit. `order`: expert.argsort(stable=True), where the caller has it."""
     if capacity is None:
         return None
-    order = expert.argsort(stable=True)
+    order = expert.argsort(stable=True) if order is None else order
     counts = torch.bincount(expert, minlength=num_experts)
     rank_in_expert = torch.empty_like(order)
     rank_in_expert[order] = (
@@ -240,15 +242,16 @@ def within_capacity(expert: torch.Tensor, num_experts: int, capacity: int | None
 
 
 def sort_by_expert(
-    row: torch.Tensor, expert: torch.Tensor, num_rows: int, num_experts: int, keep: torch.Tensor | None = None
+    row: torch.Tensor, expert: torch.Tensor, num_rows: int, num_experts: int, capacity: int | None = None
 ) -> ExpertBatch:
-    """A assignments (row (A,) in nondecreasing order, expert (A,)), only those `keep` marks if
-    given, stably sorted by expert."""
+    """A assignments (row (A,) in nondecreasing order, expert (A,)) stably sorted by expert, each
+    expert keeping its first `capacity` if given."""
     order = expert.argsort(stable=True)  # (A,)
+    keep = within_capacity(expert, num_experts, capacity, order)
     if keep is not None:
         order = order[keep.index_select(0, order)]
-        expert_kept = expert[keep]
-    counts = torch.bincount(expert if keep is None else expert_kept, minlength=num_experts)
+    counts = torch.bincount(expert, minlength=num_experts)
+    counts = counts if capacity is None else counts.clamp(max=capacity)
     # sorted positions listed by assignment, so grouped by row: the bags' members, no second sort
     position = torch.full_like(expert, -1) if keep is not None else torch.empty_like(expert)
     position[order] = torch.arange(order.numel(), device=order.device)
@@ -285,17 +288,17 @@ class LocalDispatcher:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def assignments(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The flat (token, slot) assignments: token (A,), expert (A,) and the capacity's keep mask."""
+    @staticmethod
+    def assignments(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat (token, slot) assignments, in token order: token (A,) and expert (A,)."""
         num_tokens, k = routing.experts.shape
         expert = routing.experts.flatten()
-        token = torch.arange(num_tokens, device=expert.device).repeat_interleave(k)
-        return token, expert, within_capacity(expert, self.num_experts, self.capacity(num_tokens))
+        return torch.arange(num_tokens, device=expert.device).repeat_interleave(k), expert
 
     def route(self, x: torch.Tensor, routing: Routing, experts: nn.Module) -> tuple[torch.Tensor, int]:
         """The routed output (N, D) and the number of dropped assignments."""
-        token, expert, keep = self.assignments(routing)
-        batch = sort_by_expert(token, expert, x.shape[0], self.num_experts, keep)
+        token, expert = self.assignments(routing)
+        batch = sort_by_expert(token, expert, x.shape[0], self.num_experts, self.capacity(x.shape[0]))
         return run_experts(x, routing.weights.flatten(), batch, experts), batch.num_dropped
 
 

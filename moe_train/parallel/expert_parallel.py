@@ -45,6 +45,7 @@ from moe_train.model.moe import (
     run_experts,
     sort_by_expert,
     sum_rows,
+    within_capacity,
 )
 from moe_train.parallel.topology import Topology, named_collective
 
@@ -183,7 +184,8 @@ class AllToAllDispatcher(LocalDispatcher):
 
     def route(self, x: torch.Tensor, routing: Routing, experts: nn.Module) -> tuple[torch.Tensor, int]:
         ep, El, C = self.ep, self.num_local_experts, self.overlap_chunks
-        token, expert, keep = self.assignments(routing)  # (A,) each, in token order
+        token, expert = self.assignments(routing)  # (A,) each, in token order
+        keep = within_capacity(expert, self.num_experts, self.capacity(x.shape[0]))
         num_kept = expert.numel() if keep is None else int(keep.sum())
         # group the kept assignments by (chunk, destination rank), in token order within each
         chunk_tokens = max(1, math.ceil(x.shape[0] / C))
