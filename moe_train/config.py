@@ -136,6 +136,42 @@ class MoEConfig:
 
 
 @dataclass
+class MLAConfig:
+    kv_lora_rank: int = 0
+    """Multi-head latent attention (DeepSeek-V2/V3) when > 0: keys and values are projected up from
+    a latent of this width per token (what an inference cache keeps), each head's query and key
+    split into a part without position (qk_nope_head_dim) and a rotary part (qk_rope_head_dim, its
+    key shared by all heads). model.num_kv_heads is then unused and head sizes are the ones below.
+    0: grouped-query attention."""
+    q_lora_rank: int = 0
+    """The query goes through a low-rank latent of this width (DeepSeek-V3: 1536); 0: a full
+    projection (DeepSeek-V2-Lite)."""
+    qk_nope_head_dim: int = 128
+    """Per-head query and key size without position information."""
+    qk_rope_head_dim: int = 64
+    """Per-head query and key size with rotary embeddings (even)."""
+    v_head_dim: int = 128
+    """Per-head value size."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def __post_init__(self) -> None:
+        _check(self.kv_lora_rank >= 0, f"model.mla.kv_lora_rank={self.kv_lora_rank} must be >= 0")
+        if not self.enabled:
+            return
+        for key in ("qk_nope_head_dim", "v_head_dim"):
+            value = getattr(self, key)
+            _check(value > 0, f"model.mla.{key}={value} must be > 0")
+        _check(self.q_lora_rank >= 0, f"model.mla.q_lora_rank={self.q_lora_rank} must be >= 0")
+        _check(
+            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            f"model.mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even and > 0",
+        )
+
+
+@dataclass
 class ModelConfig:
     name: str = "model"
     """Preset name; names the run directory by default."""
@@ -146,7 +182,7 @@ class ModelConfig:
     num_layers: int = 4
     """Transformer blocks."""
     num_heads: int = 8
-    """Query heads; head size is dim / num_heads."""
+    """Query heads; head size is dim / num_heads (with model.mla, the sizes set there)."""
     num_kv_heads: int | None = None
     """Key/value heads for grouped-query attention; None = num_heads (multi-head attention)."""
     ffn_hidden_dim: int = 1024
@@ -163,6 +199,8 @@ class ModelConfig:
     """Std of the normal init; residual output projections are scaled by 1/sqrt(2 * num_layers)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts settings."""
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    """Multi-head latent attention settings (off by default: grouped-query attention)."""
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -181,18 +219,19 @@ class ModelConfig:
         _check(
             self.vocab_size is None or self.vocab_size > 0, f"model.vocab_size={self.vocab_size} must be > 0"
         )
-        _check(
-            self.dim % self.num_heads == 0,
-            f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}",
-        )
-        _check(
-            self.num_heads % self.num_kv_heads == 0,
-            f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads={self.num_kv_heads}",
-        )
-        _check(
-            self.head_dim % 2 == 0,
-            f"model.dim / model.num_heads = {self.head_dim} must be even for rotary embeddings",
-        )
+        if not self.mla.enabled:  # with MLA the head sizes are model.mla's
+            _check(
+                self.dim % self.num_heads == 0,
+                f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}",
+            )
+            _check(
+                self.num_heads % self.num_kv_heads == 0,
+                f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads={self.num_kv_heads}",
+            )
+            _check(
+                self.head_dim % 2 == 0,
+                f"model.dim / model.num_heads = {self.head_dim} must be even for rotary embeddings",
+            )
         _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
         _check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
         if self.moe.num_experts:
@@ -205,6 +244,18 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotary dimensions per head: the whole head, or MLA's rotary part."""
+        return self.mla.qk_rope_head_dim if self.mla.enabled else self.head_dim
+
+    @property
+    def attention_head_dims(self) -> tuple[int, int]:
+        """(query/key, value) sizes per head."""
+        if self.mla.enabled:
+            return self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim, self.mla.v_head_dim
+        return self.head_dim, self.head_dim
 
     @property
     def expert_hidden_dim(self) -> int:

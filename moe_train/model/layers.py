@@ -1,4 +1,5 @@
-"""Dense building blocks of the LLaMA/Mixtral family: rotary embeddings, grouped-query attention, SwiGLU.
+"""Dense building blocks of the LLaMA/Mixtral/DeepSeek family: rotary embeddings, grouped-query
+attention, multi-head latent attention, SwiGLU.
 
 Shape legend: B batch, T sequence, D model dim, H query heads, K key/value heads, Dh head dim.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe_train.config import ModelConfig
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +51,74 @@ class Attention(nn.Module):
             q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
         )  # (B, H, T, Dh)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LatentAttention(nn.Module):
+    """Causal multi-head latent attention (MLA, DeepSeek-V2 sec. 2.1; V3): keys and values come up
+    from a normalised latent of kv_lora_rank per token; each head's query and key are a part
+    without position (nope) and a rotary part, whose key (one per token) all heads share. The query
+    optionally passes through a latent of q_lora_rank. Training computes the full keys and values
+    (the weight absorption that makes the latent the inference cache is an inference trick).
+    Names follow DeepSeek's reference code; the latent norms use eps 1e-6 as it and transformers do.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kv_lora_rank: int,
+        q_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.kv_lora_rank, self.q_lora = kv_lora_rank, q_lora_rank > 0
+        qk_dim = qk_nope_head_dim + qk_rope_head_dim
+        if q_lora_rank:
+            self.wq_a = nn.Linear(dim, q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(q_lora_rank, eps=1e-6)
+            self.wq_b = nn.Linear(q_lora_rank, num_heads * qk_dim, bias=False)
+        else:
+            self.wq = nn.Linear(dim, num_heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False)  # [latent | rotary key]
+        self.kv_norm = nn.RMSNorm(kv_lora_rank, eps=1e-6)
+        self.wkv_b = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.wo = nn.Linear(num_heads * v_head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D); cos and sin (T, rope_dim)."""
+        B, T, _ = x.shape
+        H = self.num_heads
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora else self.wq(x)  # (B, T, H * (nope + rope))
+        q_nope, q_rope = q.view(B, T, H, -1).transpose(1, 2).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(B, T, H, -1).transpose(1, 2)  # (B, H, T, nope + v)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q_rope = apply_rotary(q_rope, cos, sin)  # (B, H, T, rope)
+        k_rope = apply_rotary(k_rope.unsqueeze(1), cos, sin).expand(B, H, T, self.rope_dim)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, nope + rope)
+        k = torch.cat([k_nope, k_rope], dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, v), scale 1/sqrt(nope + rope)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def attention(config: ModelConfig) -> Attention | LatentAttention:
+    """The attention block `config` asks for."""
+    mla = config.mla
+    if not mla.enabled:
+        return Attention(config.dim, config.num_heads, config.num_kv_heads)
+    return LatentAttention(
+        config.dim,
+        config.num_heads,
+        mla.kv_lora_rank,
+        mla.q_lora_rank,
+        mla.qk_nope_head_dim,
+        mla.qk_rope_head_dim,
+        mla.v_head_dim,
+    )
 
 
 class FeedForward(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_train.config import ModelConfig
-from moe_train.model.layers import Attention, FeedForward, rotary_tables
+from moe_train.model.layers import FeedForward, attention, rotary_tables
 from moe_train.model.moe import MoE, MoEStats
 
 
@@ -22,7 +22,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.attention = Attention(config.dim, config.num_heads, config.num_kv_heads)
+        self.attention = attention(config)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         moe = config.moe
         self.ffn: FeedForward | MoE
@@ -81,7 +81,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        cos, sin = rotary_tables(config.rope_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
@@ -108,7 +108,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_rope(self) -> None:
         """Fill the rotary tables (after to_empty(), say, since they are not in the state dict)."""
-        cos, sin = rotary_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        cos, sin = rotary_tables(self.config.rope_dim, self.config.max_seq_len, self.config.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
@@ -157,7 +157,8 @@ def model_size(model: Transformer, seq_len: int) -> ModelSize:
 
     FLOPs follow the PaLM convention (Chowdhery et al. 2022, app. B): 6 per matmul parameter per
     token for forward and backward, plus 12 * layers * dim_attention * seq_len for attention scores
-    and values (no discount for the causal mask).
+    and values (no discount for the causal mask); with MLA's unequal head sizes that term is
+    6 * layers * heads * (query/key head size + value head size) * seq_len.
     """
     config = model.config
     total = active = 0
@@ -172,5 +173,6 @@ def model_size(model: Transformer, seq_len: int) -> ModelSize:
     )
     if config.tie_embeddings:  # the shared matrix is the output projection's matmul
         matmul += model.output.weight.numel()
-    attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    qk_dim, v_dim = config.attention_head_dims
+    attention = 6 * config.num_layers * config.num_heads * (qk_dim + v_dim) * seq_len
     return ModelSize(total, active, matmul, 6 * matmul + attention)

@@ -7,6 +7,7 @@ from moe_train.config import (
     ConfigError,
     DataConfig,
     EngineConfig,
+    MLAConfig,
     ModelConfig,
     MoEConfig,
     OptimConfig,
@@ -76,6 +77,13 @@ from moe_train.tools.hydra_config import compose_config
             lambda: MoEConfig(num_experts=8, top_k=4, num_expert_groups=4, topk_groups=1),
             "model.moe.topk_groups=1 must be between 1",
         ),
+        (
+            lambda: MLAConfig(kv_lora_rank=64, qk_rope_head_dim=7),
+            "model.mla.qk_rope_head_dim=7 must be even and > 0",
+        ),
+        (lambda: MLAConfig(kv_lora_rank=-1), "model.mla.kv_lora_rank=-1 must be >= 0"),
+        (lambda: MLAConfig(kv_lora_rank=64, v_head_dim=0), "model.mla.v_head_dim=0 must be > 0"),
+        (lambda: MLAConfig(kv_lora_rank=64, q_lora_rank=-2), "model.mla.q_lora_rank=-2 must be >= 0"),
         (
             lambda: MoEConfig(num_experts=8, routed_scaling_factor=0.0),
             "model.moe.routed_scaling_factor=0.0 must be > 0",
@@ -176,3 +184,10 @@ def test_deepseekmoe_145b_balances_one_group_of_experts_per_device():
     for ep in (1, 8):
         moe = compose_config(["model=deepseekmoe_145b", f"parallel.ep={ep}"]).model.moe
         assert (moe.num_expert_groups, moe.device_aux_loss_coef, moe.aux_loss_coef) == (ep, 0.05, 0.003)
+
+
+def test_latent_attention_sets_its_own_head_sizes():
+    """With MLA the head sizes are model.mla's: dim need not split into heads, kv heads are unused."""
+    config = ModelConfig(dim=100, num_heads=8, num_kv_heads=3, mla=MLAConfig(kv_lora_rank=16))
+    assert config.attention_head_dims == (128 + 64, 128) and config.rope_dim == 64
+    assert ModelConfig(dim=64, num_heads=4).attention_head_dims == (16, 16)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from moe_train.config import ModelConfig, MoEConfig
+from moe_train.config import MLAConfig, ModelConfig, MoEConfig
 from moe_train.model import Transformer, model_size
-from moe_train.model.layers import Attention, apply_rotary, rotary_tables
+from moe_train.model.layers import Attention, LatentAttention, apply_rotary, rotary_tables
 from moe_train.tools.hydra_config import compose_config
 from moe_train.tools.inspect import inspect_config
 
@@ -37,6 +37,80 @@ def test_grouped_query_attention_matches_naive(num_kv_heads):
     torch.testing.assert_close(
         attn(x, cos[:11], sin[:11]), naive_attention(attn, x, cos[:11], sin[:11]), rtol=1e-5, atol=1e-5
     )
+
+
+def naive_latent_attention(attn: LatentAttention, x, cos, sin):
+    """MLA head by head from the weights: the query (through its latent when there is one), keys
+    and values up from the normalised key/value latent, one rotary key shared by every head."""
+    B, T, _ = x.shape
+    nope, rope, dv, r = attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_lora_rank
+
+    def rms(z, weight):
+        return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+
+    if attn.q_lora:
+        q_all = rms(x @ attn.wq_a.weight.T, attn.q_norm.weight) @ attn.wq_b.weight.T
+    else:
+        q_all = x @ attn.wq.weight.T
+    a = x @ attn.wkv_a.weight.T
+    latent, k_rope = rms(a[..., :r], attn.kv_norm.weight), a[..., r:]
+    k_rope = apply_rotary(k_rope.unsqueeze(1), cos, sin)[:, 0]  # (B, T, rope): one for all heads
+    up = latent @ attn.wkv_b.weight.T  # (B, T, H * (nope + dv))
+    heads = []
+    for h in range(attn.num_heads):
+        q = q_all[..., h * (nope + rope) : (h + 1) * (nope + rope)]
+        q = torch.cat([q[..., :nope], apply_rotary(q[..., nope:].unsqueeze(1), cos, sin)[:, 0]], -1)
+        kv = up[..., h * (nope + dv) : (h + 1) * (nope + dv)]
+        k, v = torch.cat([kv[..., :nope], k_rope], -1), kv[..., nope:]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(nope + rope)
+        scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+        heads.append(scores.softmax(-1) @ v)
+    return torch.cat(heads, -1) @ attn.wo.weight.T
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 24])
+def test_latent_attention_matches_naive(q_lora_rank):
+    torch.manual_seed(0)
+    attn = LatentAttention(64, 4, kv_lora_rank=16, q_lora_rank=q_lora_rank, qk_nope_head_dim=12,
+                           qk_rope_head_dim=8, v_head_dim=10)  # fmt: skip
+    for norm in [attn.kv_norm] + ([attn.q_norm] if q_lora_rank else []):
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)  # norms not at their identity init
+    cos, sin = rotary_tables(8, 32, 10000.0)
+    x = torch.randn(2, 11, 64, requires_grad=True)
+    out = attn(x, cos[:11], sin[:11])
+    ref = naive_latent_attention(attn, x, cos[:11], sin[:11])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *attn.parameters()])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_latent_attention_is_causal_and_position_relative():
+    """A later token does not change an earlier one's output, and shifting the whole sequence's
+    positions changes nothing (only the rotary parts see positions, and only relatively)."""
+    torch.manual_seed(0)
+    attn = LatentAttention(32, 2, 8, 0, 8, 8, 8)
+    cos, sin = rotary_tables(8, 64, 10000.0)
+    x = torch.randn(1, 9, 32)
+    full = attn(x, cos[:9], sin[:9])
+    torch.testing.assert_close(attn(x[:, :5], cos[:5], sin[:5]), full[:, :5])
+    torch.testing.assert_close(attn(x, cos[20:29], sin[20:29]), full, rtol=1e-4, atol=1e-5)
+
+
+def test_mla_model_counts_by_hand():
+    """Parameters and FLOPs of a dense MLA model: the attention weights by hand, and the attention
+    FLOPs with the query/key and value head sizes."""
+    mla = MLAConfig(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10)
+    config = ModelConfig(vocab_size=100, dim=64, num_layers=2, num_heads=4, ffn_hidden_dim=96, mla=mla)
+    model = Transformer(config)
+    attention = 64 * 24 + 24 + 24 * 4 * 20 + 64 * (16 + 8) + 16 + 16 * 4 * 22 + 4 * 10 * 64
+    per_layer = attention + 3 * 64 * 96 + 2 * 64
+    size = model_size(model, seq_len=32)
+    assert size.total_params == 2 * per_layer + 2 * 100 * 64 + 64
+    assert size.active_matmul_params == 2 * (per_layer - 24 - 16 - 2 * 64) + 100 * 64
+    assert size.flops_per_token == 6 * size.active_matmul_params + 6 * 2 * 4 * (20 + 10) * 32
+    assert model.rope_cos.shape == (config.max_seq_len, 8)
 
 
 def test_rotary_preserves_norm_and_relative_position():
@@ -109,14 +183,22 @@ PUBLISHED = {
     "deepseekmoe_145b": (144.6e9, 0.05e9, 22.2e9, 0.05e9),
     "llama2_7b": (6.74e9, 0.005e9, 6.74e9, 0.005e9),
     "grok1": (314e9, 0.5e9, None, None),
+    "deepseek_v3": (671e9, 0.5e9, 37e9, 0.5e9),
+    # 2.45B by our count: the paper gives it as 2.4B
+    "deepseek_v2_lite": (15.7e9, 0.05e9, 2.4e9, 0.1e9),
 }
+# DeepSeek-V2 and V3 count active parameters without the input embedding (a lookup)
+ACTIVE_WITHOUT_EMBEDDING = {"deepseek_v3", "deepseek_v2_lite"}
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_full_size_presets_match_published_counts(preset):
-    counts = inspect_config(compose_config([f"model={preset}"]))
+    config = compose_config([f"model={preset}"])
+    counts = inspect_config(config)
     total, total_unit, active, active_unit = PUBLISHED[preset]
     assert abs(counts["total_params"] - total) <= max(0.01 * total, total_unit)
+    if preset in ACTIVE_WITHOUT_EMBEDDING:
+        counts["active_params"] -= config.model.vocab_size * config.model.dim
     if active is not None:
         assert abs(counts["active_params"] - active) <= max(0.01 * active, active_unit)
 
