@@ -226,7 +226,8 @@ class ModelConfig:
             )
             _check(
                 self.num_heads % self.num_kv_heads == 0,
-                f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads={self.num_kv_heads}",
+                f"model.num_heads={self.num_heads} must be divisible by "
+                f"model.num_kv_heads={self.num_kv_heads}",
             )
             _check(
                 self.head_dim % 2 == 0,

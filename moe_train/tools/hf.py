@@ -1,5 +1,6 @@
 """Our models in Hugging Face `transformers` layouts, both ways.
 
+With grouped-query attention:
 - dense models: Llama;
 - MoE models with top-k renormalisation, an MoE in every layer and no shared experts: Mixtral;
 - every other MoE model (shared experts, unrenormalised top-k, first-k-dense or every-n-th layers):
@@ -7,9 +8,17 @@
   weight at zero the factor is exactly 0.5, and the shared down projection is stored doubled (a
   power of two: exact in any float format), so it computes our ungated sum exactly. Its
   `mlp_only_layers` list places dense layers anywhere, and `norm_topk_prob` is our `renormalize`.
-  No other architecture in transformers 5 matches: DeepSeek-V2/V3 use MLA attention or sigmoid
-  routing, Qwen3-MoE/OLMoE/dots1 have qk-norm, Ernie-4.5-MoE always renormalises and interleaves
-  its rotary layout, GraniteMoeShared has no dense layers.
+  No other architecture in transformers 5 matches: Qwen3-MoE/OLMoE/dots1 have qk-norm,
+  Ernie-4.5-MoE always renormalises and interleaves its rotary layout, GraniteMoeShared has no
+  dense layers. All three route with a softmax over the experts, unscaled, without groups.
+With multi-head latent attention (model.mla):
+- sigmoid routing: DeepSeek-V3 (renormalisation, scaling, the routing bias; groups ranked by their
+  top 2 scores, so group-limited routing needs top_k = 2 x topk_groups);
+- softmax routing: DeepSeek-V2 (never renormalised; groups ranked by their best score, so
+  top_k = topk_groups). Both have their dense layers first and an MoE in every layer after.
+  DeepSeek's checkpoints lay each rotary part out in interleaved pairs (x0, x1), (x2, x3)...
+  where ours is rotate-half (x0, x_d/2)...: the rotary rows of the query and of the shared key
+  are permuted on the way out and back (the attention scores do not change).
 Importing a Qwen2-MoE checkpoint back requires its shared-expert gates to be still zero.
 
 Keys on disk are the Hub's usual per-expert ones, which transformers 5 also writes with
@@ -26,16 +35,25 @@ from pathlib import Path
 
 import torch
 
-from moe_train.config import ConfigError, ModelConfig, MoEConfig
+from moe_train.config import ConfigError, MLAConfig, ModelConfig, MoEConfig
 
 # per layer: (our name, HF name)
+_NORMS = [
+    ("attention_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+]
 _ATTENTION = [
     ("attention.wq.weight", "self_attn.q_proj.weight"),
     ("attention.wk.weight", "self_attn.k_proj.weight"),
     ("attention.wv.weight", "self_attn.v_proj.weight"),
     ("attention.wo.weight", "self_attn.o_proj.weight"),
-    ("attention_norm.weight", "input_layernorm.weight"),
-    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+]
+_MLA = [  # the rotary rows of wq / wq_b and wkv_a are permuted (_Layout.interleaved)
+    ("attention.q_norm.weight", "self_attn.q_a_layernorm.weight"),
+    ("attention.wq_a.weight", "self_attn.q_a_proj.weight"),
+    ("attention.kv_norm.weight", "self_attn.kv_a_layernorm.weight"),
+    ("attention.wkv_b.weight", "self_attn.kv_b_proj.weight"),
+    ("attention.wo.weight", "self_attn.o_proj.weight"),
 ]
 _DENSE_FFN = [
     ("ffn.w1.weight", "mlp.gate_proj.weight"),
@@ -46,12 +64,18 @@ _DENSE_FFN = [
 _EXPERT_NAMES = {
     "mixtral": ("block_sparse_moe.", {"w1": "w1", "w3": "w3", "w2": "w2"}),
     "qwen2_moe": ("mlp.", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}),
+    "deepseek_v2": ("mlp.", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}),
+    "deepseek_v3": ("mlp.", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}),
 }
+_DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 
 
 def architecture(config: ModelConfig) -> str:
-    """The transformers architecture (model_type) that computes `config` exactly."""
+    """The transformers architecture (model_type) for `config`; `check_expressible` says whether
+    it computes `config` exactly."""
     moe = config.moe
+    if config.mla.enabled:
+        return "deepseek_v3" if moe.score_function == "sigmoid" else "deepseek_v2"
     if moe.num_experts == 0:
         return "llama"
     mixtral_like = (
@@ -69,6 +93,45 @@ class _Layout:
     experts: list[tuple[str, list[list[str]]]] = field(default_factory=list)
     doubled: list[tuple[str, str]] = field(default_factory=list)  # Qwen2-MoE shared down projection
     zero: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # HF-only tensors fixed at 0
+    # MLA rows in DeepSeek's order: theirs = ours[rows], ours = theirs[rows.argsort()]
+    interleaved: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
+
+
+def _interleaved_rows(num_rows: int, starts: range, rope_dim: int) -> torch.Tensor:
+    """A row order that lays each rotary block [start, start + rope_dim) out as interleaved pairs
+    (row start + i, row start + rope_dim / 2 + i) instead of rotate-half halves."""
+    rows = torch.arange(num_rows)
+    half = torch.arange(rope_dim // 2)
+    pairs = torch.stack([half, half + rope_dim // 2], dim=-1).flatten()  # 0, d/2, 1, d/2 + 1, ...
+    for start in starts:
+        rows[start : start + rope_dim] = start + pairs
+    return rows
+
+
+def _mla_layout(config: ModelConfig, ours: str, theirs: str) -> _Layout:
+    mla, H = config.mla, config.num_heads
+    qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    query = ("wq_b", "q_b_proj") if mla.q_lora_rank else ("wq", "q_proj")
+    head_rope_starts = range(mla.qk_nope_head_dim, H * qk_dim, qk_dim)
+    return _Layout(
+        plain=[(ours + a, theirs + b) for a, b in _MLA if mla.q_lora_rank or "q_" not in b],
+        interleaved=[
+            (
+                ours + f"attention.{query[0]}.weight",
+                theirs + f"self_attn.{query[1]}.weight",
+                _interleaved_rows(H * qk_dim, head_rope_starts, mla.qk_rope_head_dim),
+            ),
+            (
+                ours + "attention.wkv_a.weight",
+                theirs + "self_attn.kv_a_proj_with_mqa.weight",
+                _interleaved_rows(
+                    mla.kv_lora_rank + mla.qk_rope_head_dim,
+                    range(mla.kv_lora_rank, mla.kv_lora_rank + 1),
+                    mla.qk_rope_head_dim,
+                ),
+            ),
+        ],
+    )
 
 
 def _layout(config: ModelConfig, arch: str) -> _Layout:
@@ -80,7 +143,13 @@ def _layout(config: ModelConfig, arch: str) -> _Layout:
     shared_hidden = config.moe.num_shared_experts * config.expert_hidden_dim
     for i in range(config.num_layers):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        layout.plain += [(ours + a, theirs + b) for a, b in _ATTENTION]
+        layout.plain += [(ours + a, theirs + b) for a, b in _NORMS]
+        if config.mla.enabled:
+            mla = _mla_layout(config, ours, theirs)
+            layout.plain += mla.plain
+            layout.interleaved += mla.interleaved
+        else:
+            layout.plain += [(ours + a, theirs + b) for a, b in _ATTENTION]
         if not config.is_moe_layer(i):
             layout.plain += [(ours + a, theirs + b) for a, b in _DENSE_FFN]
             continue
@@ -93,6 +162,21 @@ def _layout(config: ModelConfig, arch: str) -> _Layout:
                 for part in parts
             ]
             layout.experts.append((ours + f"ffn.experts.{stacked}", keys))
+        if arch in _DEEPSEEK:
+            shared = [
+                (ours + f"ffn.shared_experts.{a}.weight", moe + f"shared_experts.{b}.weight")
+                for a, b in names.items()
+            ]
+            if shared_hidden:
+                layout.plain += shared
+            else:  # no shared experts: a width-0 shared MLP adds exactly nothing
+                layout.zero += [(b, (config.dim, 0) if "down" in b else (0, config.dim)) for _, b in shared]
+            bias = moe + "gate.e_score_correction_bias"  # DeepSeek-V3's routing bias
+            if arch == "deepseek_v3" and config.moe.bias_update_rate > 0:
+                layout.plain.append((ours + "ffn.router.expert_bias", bias))
+            elif arch == "deepseek_v3":
+                layout.zero.append((bias, (config.moe.num_experts,)))
+            continue
         if arch != "qwen2_moe":
             continue
         layout.zero.append((moe + "shared_expert_gate.weight", (1, config.dim)))
@@ -131,6 +215,9 @@ def hf_config(config: ModelConfig):
         torch_dtype="float32",
     )
     arch, moe = architecture(config), config.moe
+    check_expressible(config, arch)
+    if arch in _DEEPSEEK:
+        return _deepseek_config(config, arch, common)
     if arch == "llama":
         return LlamaConfig(
             intermediate_size=config.ffn_hidden_dim,
@@ -165,27 +252,99 @@ def hf_config(config: ModelConfig):
     )
 
 
+def _deepseek_config(config: ModelConfig, arch: str, common: dict):
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    moe, mla = config.moe, config.mla
+    routed = moe.num_experts > 0
+    groups = dict(n_group=moe.num_expert_groups, topk_group=moe.topk_groups) if moe.topk_groups else {}
+    common = dict(
+        common,
+        num_key_value_heads=config.num_heads,
+        intermediate_size=config.ffn_hidden_dim,  # the dense layers'
+        kv_lora_rank=mla.kv_lora_rank,
+        q_lora_rank=mla.q_lora_rank or None,
+        qk_nope_head_dim=mla.qk_nope_head_dim,
+        qk_rope_head_dim=mla.qk_rope_head_dim,
+        v_head_dim=mla.v_head_dim,
+        moe_intermediate_size=config.expert_hidden_dim,
+        n_routed_experts=moe.num_experts,
+        n_shared_experts=moe.num_shared_experts,
+        num_experts_per_tok=moe.top_k if routed else None,
+        first_k_dense_replace=moe.first_k_dense if routed else config.num_layers,
+        routed_scaling_factor=moe.routed_scaling_factor,
+        attention_bias=False,
+    )
+    if arch == "deepseek_v3":
+        return DeepseekV3Config(
+            norm_topk_prob=moe.renormalize,
+            rope_interleave=True,
+            num_nextn_predict_layers=0,
+            **(groups or dict(n_group=1, topk_group=1)),
+            **common,
+        )
+    return DeepseekV2Config(
+        topk_method="group_limited_greedy" if groups else "greedy", norm_topk_prob=False, **groups, **common
+    )
+
+
+def check_expressible(config: ModelConfig, arch: str) -> None:
+    """A ConfigError naming the first setting `arch` cannot compute exactly."""
+    moe, deepseek = config.moe, arch in _DEEPSEEK
+    if not moe.num_experts:
+        return
+    if deepseek:
+        dense_first = all(
+            config.is_moe_layer(i) == (i >= moe.first_k_dense) for i in range(config.num_layers)
+        )
+        per_group = {"deepseek_v3": 2, "deepseek_v2": 1}[arch]
+        unsupported = {
+            f"model.moe.every_n_layers={moe.every_n_layers}": (
+                not dense_first,
+                "DeepSeek-V2/V3 have an MoE in every layer after the first dense ones",
+            ),
+            f"model.moe.topk_groups={moe.topk_groups} with model.moe.top_k={moe.top_k}": (
+                bool(moe.topk_groups) and moe.top_k != per_group * moe.topk_groups,
+                f"{arch} ranks groups by their best {per_group} score(s): top_k must be "
+                f"{per_group} x topk_groups",
+            ),
+            "model.moe.renormalize=true": (
+                arch == "deepseek_v2" and moe.renormalize,
+                "DeepSeek-V2 (softmax routing) never renormalises; DeepSeek-V3 takes sigmoid scores",
+            ),
+        }
+    else:
+        why = (
+            "Mixtral and Qwen2-MoE route with a softmax over all the experts, unscaled "
+            "(with model.mla: DeepSeek-V2/V3)"
+        )
+        unsupported = {
+            f"model.moe.score_function={moe.score_function}": (moe.score_function != "softmax", why),
+            f"model.moe.topk_groups={moe.topk_groups}": (moe.topk_groups != 0, why),
+            f"model.moe.routed_scaling_factor={moe.routed_scaling_factor}": (
+                moe.routed_scaling_factor != 1.0,
+                why,
+            ),
+        }
+    for setting, (used, why) in unsupported.items():
+        if used:
+            raise ConfigError(f"{setting}: {why}")
+
+
 def to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> HF tensors (Hub key layout), all contiguous."""
-    moe = config.moe
-    unsupported = {
-        f"model.moe.score_function={moe.score_function}": moe.score_function != "softmax",
-        f"model.moe.topk_groups={moe.topk_groups}": moe.topk_groups != 0,
-        f"model.moe.routed_scaling_factor={moe.routed_scaling_factor}": moe.routed_scaling_factor != 1.0,
-    }
-    for setting, used in unsupported.items():
-        if used:
-            raise ConfigError(
-                f"{setting}: Mixtral and Qwen2-MoE route with a softmax over all the experts, unscaled"
-            )
+    arch = architecture(config)
+    check_expressible(config, arch)
     for key, value in state.items():
-        if key.endswith("router.expert_bias") and torch.count_nonzero(value):
+        if arch != "deepseek_v3" and key.endswith("router.expert_bias") and torch.count_nonzero(value):
             raise ConfigError(
                 f"{key} is not zero: the routing bias of auxiliary-loss-free balancing "
-                "(model.moe.bias_update_rate) picks experts, which Mixtral and Qwen2-MoE cannot express"
+                f"(model.moe.bias_update_rate) picks experts, which {arch} cannot express "
+                "(DeepSeek-V3 can: model.mla with sigmoid scores)"
             )
-    layout = _layout(config, architecture(config))
+    layout = _layout(config, arch)
     out = {theirs: state[ours] for ours, theirs in layout.plain}
+    out.update({theirs: state[ours][rows] for ours, theirs, rows in layout.interleaved})
     for ours, parts in layout.experts:
         for keys, stacked in zip(parts, state[ours].chunk(len(parts), dim=-1)):
             out.update({key: w.T for key, w in zip(keys, stacked)})
@@ -199,6 +358,7 @@ def from_hf(config: ModelConfig, tensors: dict[str, torch.Tensor], arch: str) ->
     layout = _layout(config, arch)
     wanted = (
         [k for _, k in layout.plain + layout.doubled]
+        + [k for _, k, _ in layout.interleaved]
         + [k for _, parts in layout.experts for keys in parts for k in keys]
         + [k for k, _ in layout.zero]
     )
@@ -212,6 +372,7 @@ def from_hf(config: ModelConfig, tensors: dict[str, torch.Tensor], arch: str) ->
                 "not importable"
             )
     state = {ours: tensors[theirs] for ours, theirs in layout.plain}
+    state.update({ours: tensors[theirs][rows.argsort()] for ours, theirs, rows in layout.interleaved})
     state.update({ours: tensors[theirs] / 2 for ours, theirs in layout.doubled})
     for ours, parts in layout.experts:
         state[ours] = torch.cat([torch.stack([tensors[k].T for k in keys]) for keys in parts], dim=-1)
@@ -230,13 +391,63 @@ def _moe_placement(pattern: list[bool]) -> tuple[int, int]:
     raise ConfigError(f"the MoE layer pattern {pattern} is not first-k-dense / every-n-th; not supported")
 
 
-def from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
-    """A transformers config.json (Llama, Mistral, Mixtral, Qwen2-MoE) -> our ModelConfig and its type."""
-    model_type = hf.get("model_type")
-    if model_type not in ("llama", "mistral", "mixtral", "qwen2_moe"):
+def _deepseek_from_hf(hf: dict, model_type: str) -> tuple[MoEConfig, MLAConfig]:
+    """model.moe and model.mla of a DeepSeek-V2/V3 config.json."""
+    if hf.get("quantization_config"):
         raise ConfigError(
-            f"model_type {model_type!r} is not supported; import takes llama, mistral, mixtral or qwen2_moe"
+            "quantized weights (quantization_config) are not supported; convert them to bf16 first"
         )
+    if model_type == "deepseek_v3" and not hf.get("rope_interleave", True):
+        raise ConfigError("rope_interleave=false is not supported (DeepSeek's checkpoints interleave)")
+    v3 = model_type == "deepseek_v3"
+    k, groups, limit = hf["num_experts_per_tok"], hf.get("n_group") or 1, hf.get("topk_group") or 1
+    limited = limit < groups and (v3 or hf.get("topk_method", "greedy") == "group_limited_greedy")
+    per_group = 2 if v3 else 1
+    if limited and k != per_group * limit:
+        raise ConfigError(
+            f"{model_type} ranks groups by their best {per_group} score(s), ours by the best top_k / "
+            f"topk_groups: num_experts_per_tok={k} with topk_group={limit} is not expressible"
+        )
+    if not v3 and hf.get("topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
+        raise ConfigError(
+            f"topk_method {hf['topk_method']!r} is not supported (greedy or group_limited_greedy)"
+        )
+    moe = MoEConfig(
+        num_experts=hf["n_routed_experts"],
+        top_k=k,
+        num_shared_experts=hf.get("n_shared_experts") or 0,
+        expert_hidden_dim=hf["moe_intermediate_size"],
+        first_k_dense=hf.get("first_k_dense_replace", 0),
+        score_function="sigmoid" if v3 else "softmax",
+        renormalize=bool(hf.get("norm_topk_prob")) if v3 else False,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        num_expert_groups=groups if limited else 1,
+        topk_groups=limit if limited else 0,
+        # V3's training-time settings; its routing bias is part of the model
+        bias_update_rate=0.001 if v3 else 0.0,
+        aux_loss_scope="sequence" if v3 else "batch",
+        aux_loss_coef=0.0001 if v3 else 0.001,
+        z_loss_coef=0.0,
+    )
+    if moe.first_k_dense >= hf["num_hidden_layers"]:
+        moe = MoEConfig()
+    mla = MLAConfig(
+        kv_lora_rank=hf["kv_lora_rank"],
+        q_lora_rank=hf.get("q_lora_rank") or 0,
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+    )
+    return moe, mla
+
+
+def from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
+    """A transformers config.json (Llama, Mistral, Mixtral, Qwen2-MoE, DeepSeek-V2/V3) -> our
+    ModelConfig and its type."""
+    model_type = hf.get("model_type")
+    supported = ("llama", "mistral", "mixtral", "qwen2_moe", *_DEEPSEEK)
+    if model_type not in supported:
+        raise ConfigError(f"model_type {model_type!r} is not supported; import takes {', '.join(supported)}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -247,15 +458,17 @@ def from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
         raise ConfigError("attention or MLP biases are not supported")
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
+    if model_type not in _DEEPSEEK and head_dim * heads != hf["hidden_size"]:
         raise ConfigError(
             f"head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}; not supported"
         )
     max_len = hf.get("max_position_embeddings", 4096)
     if hf.get("sliding_window") and hf.get("use_sliding_window", True):
         max_len = min(max_len, hf["sliding_window"])  # full causal == sliding window up to the window
-    moe = MoEConfig()
-    if model_type == "mixtral":
+    moe, mla = MoEConfig(), MLAConfig()
+    if model_type in _DEEPSEEK:
+        moe, mla = _deepseek_from_hf(hf, model_type)
+    elif model_type == "mixtral":
         moe = MoEConfig(
             num_experts=hf["num_local_experts"],
             top_k=hf["num_experts_per_tok"],
@@ -294,6 +507,7 @@ def from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
         norm_eps=hf.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe=moe,
+        mla=mla,
     )
     return config, "llama" if model_type == "mistral" else model_type
 

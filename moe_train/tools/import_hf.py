@@ -1,4 +1,4 @@
-"""Import a local Hugging Face Llama, Mistral, Mixtral or Qwen2-MoE folder as a moe_train checkpoint.
+"""Import a local Hugging Face folder (Llama, Mistral, Mixtral, Qwen2-MoE, DeepSeek-V2/V3) as a checkpoint.
 
     python -m moe_train.tools.import_hf HF_DIR OUT_DIR
     python train.py trainer.init_from=OUT_DIR data=indexed ...     # continue pretraining from it
@@ -6,7 +6,9 @@
 Reads config.json and safetensors weights (sharded or not); nothing is downloaded. OUT_DIR is a
 weights-only checkpoint whose config.yaml carries the architecture; `trainer.init_from` starts a run
 from it with a fresh optimizer. Mistral's sliding window becomes model.max_seq_len (full causal
-attention equals sliding-window attention up to the window).
+attention equals sliding-window attention up to the window). A DeepSeek-V3 model comes with V3's
+training-time balancing (the routing bias moved by 0.001 per step, a sequence-wise aux loss of
+0.0001); change them with model.moe.* overrides beside trainer.init_from.
 """
 
 from __future__ import annotations

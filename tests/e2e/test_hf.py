@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_train.config import ConfigError
+from moe_train.config import ConfigError, MLAConfig
 from moe_train.tools.export_hf import export
 from moe_train.tools.hf import to_hf
 from moe_train.tools.hydra_config import compose_config
@@ -45,6 +45,17 @@ def logits_agree(ours, hf_model, vocab):
         return (ours(tokens).logits - hf_model(tokens).logits).abs().max().item()
 
 
+V2_TINY = [
+    "model=deepseek_v3_tiny",
+    "model.mla.q_lora_rank=0",
+    "model.moe.score_function=softmax",
+    "model.moe.renormalize=false",
+    "model.moe.bias_update_rate=0",
+    "model.moe.num_expert_groups=8",
+    "model.moe.topk_groups=4",
+]
+
+
 @pytest.mark.parametrize(
     "overrides,architecture",
     [
@@ -53,8 +64,11 @@ def logits_agree(ours, hf_model, vocab):
         (["model.tie_embeddings=true", "model.moe.top_k=1"], "MixtralForCausalLM"),
         (["model=deepseekmoe_tiny"], "Qwen2MoeForCausalLM"),
         (["model.moe.every_n_layers=2", "model.moe.renormalize=false"], "Qwen2MoeForCausalLM"),
+        # MLA, query latent, sigmoid, groups, scaling, and a routing bias moved by 2 steps
+        (["model=deepseek_v3_tiny"], "DeepseekV3ForCausalLM"),
+        (V2_TINY, "DeepseekV2ForCausalLM"),
     ],
-    ids=["dense", "mixtral", "tied-top1", "shared-experts", "every-2nd-unnormalised"],
+    ids=["dense", "mixtral", "tied-top1", "shared-experts", "every-2nd-unnormalised", "mla-v3", "mla-v2"],
 )
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, overrides, architecture):
     run_dir = trained(tmp_path, *overrides)
@@ -65,14 +79,18 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, overrides, 
     assert logits_agree(ours, hf_model, 256) < 1e-4
 
 
-def test_export_then_import_gives_back_the_same_weights(tmp_path):
-    run_dir = trained(tmp_path)
+@pytest.mark.parametrize("overrides", [[], ["model=deepseek_v3_tiny"], V2_TINY], ids=["mixtral", "v3", "v2"])
+def test_export_then_import_gives_back_the_same_weights_and_routing(tmp_path, overrides):
+    run_dir = trained(tmp_path, *overrides)
     export(run_dir, tmp_path / "hf")
     imported = import_folder(tmp_path / "hf", tmp_path / "imported")
-    _, original = load_model(run_dir)
+    source, original = load_model(run_dir)
     config, again = load_model(imported)
-    assert config.model.moe.num_experts == 8
-    for (name, a), (_, b) in zip(original.state_dict().items(), again.state_dict().items()):
+    for key in ("num_experts", "top_k", "score_function", "renormalize", "num_expert_groups", "topk_groups",
+                "routed_scaling_factor", "first_k_dense"):  # fmt: skip
+        assert getattr(config.model.moe, key) == getattr(source.model.moe, key), key
+    assert config.model.mla == source.model.mla
+    for (name, a), (_, b) in zip(original.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -129,7 +147,8 @@ def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: model_type 'gpt2' is not supported; import takes llama, mistral, mixtral or qwen2_moe"
+        "error: model_type 'gpt2' is not supported; import takes llama, mistral, mixtral, qwen2_moe, "
+        "deepseek_v2, deepseek_v3"
     )
     assert not (tmp_path / "out").exists()
 
@@ -156,6 +175,20 @@ def test_export_refuses_routing_it_cannot_express(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=f"^model.moe.{setting}: Mixtral and Qwen2-MoE route"):
             to_hf(replace(config, moe=moe), {})
+    mla = MLAConfig(kv_lora_rank=16)
+    for moe, message in [
+        (
+            replace(config.moe, score_function="sigmoid", num_expert_groups=4, topk_groups=2),
+            "^model.moe.topk_groups=2 with model.moe.top_k=2: deepseek_v3 ranks groups by their best 2 "
+            "score\\(s\\): top_k must be 2 x topk_groups",
+        ),
+        (
+            replace(config.moe, score_function="softmax"),
+            "^model.moe.renormalize=true: DeepSeek-V2 \\(softmax routing\\) never renormalises",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            to_hf(replace(config, mla=mla, moe=moe), {})
 
 
 # ---- growing a model: sparse upcycling and depth up-scaling ----
