@@ -3,7 +3,8 @@
     python -m moe_train.tools.inspect model=mixtral_8x7b [data.seq_len=4096]
 
 Prints JSON: total_params, active_params (what one token passes through, embeddings included),
-flops_per_token (training: 6 x active matmul parameters + 12 x layers x dim x seq_len for attention).
+flops_per_token (training: 6 x active matmul parameters + 12 x layers x dim x seq_len for attention;
+with MLA 6 x layers x heads x (query/key + value head size) x seq_len).
 """
 
 from __future__ import annotations

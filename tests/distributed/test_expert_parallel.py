@@ -105,7 +105,7 @@ def test_capacity_that_drops_nothing_matches_dropless(tmp_path, reference_run):
 
 
 def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(tmp_path):
-    """DeepSeek's routing and balancing: sigmoid scores, group-limited routing and the scaling
+    """DeepSeek-V3's model (MLA) and DeepSeek's routing and balancing: sigmoid scores, group-limited routing and the scaling
     factor, the routing bias and a small sequence-wise aux loss (DeepSeek-V3), and the device-level
     loss (DeepSeekMoE). The bias moves from the global batch's counts: every rank moves it alike,
     and as one process does. The device-level loss over two groups of experts (one per rank at
@@ -119,6 +119,12 @@ def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(t
         "model.moe.device_aux_loss_coef=0.1",
         "model.moe.topk_groups=1",  # V3's group-limited routing: each token to one rank's experts
         "model.moe.routed_scaling_factor=2.5",
+        # and V3's attention: MLA, its query through a latent too
+        "model.mla.kv_lora_rank=16",
+        "model.mla.q_lora_rank=24",
+        "model.mla.qk_nope_head_dim=8",
+        "model.mla.qk_rope_head_dim=8",
+        "model.mla.v_head_dim=12",
     )
     single = train_run(tmp_path, "single", 1, 1, *balancing)
     metrics, params = train_run(tmp_path, "ep2", 2, 2, *balancing)
