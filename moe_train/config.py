@@ -7,6 +7,7 @@ allowed; `train.py` turns that into one line on stderr and exit code 2. Nothing 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 
@@ -371,7 +372,7 @@ class TrainerConfig:
     seed: int = 1234
     """Seeds the initialisation, the data order and the sampling."""
     out_dir: str = "runs/default"
-    """The run directory: metrics.jsonl, checkpoints/, wandb/, .hydra/."""
+    """The run directory: metrics.jsonl, checkpoints/, wandb/, .hydra/ (a leading ~ is the home)."""
     init_from: str | None = None
     """A checkpoint (a run's, or one written by the tools: import_hf, upcycle, depth_upscale), or a
     run directory (its newest complete checkpoint), whose model architecture and weights a new run
@@ -421,6 +422,8 @@ class TrainerConfig:
             value = getattr(self, key)
             _check(value >= 0, f"trainer.{key}={value} must be >= 0")
         _check(self.keep_last >= 1, f"trainer.keep_last={self.keep_last} must be >= 1")
+        _check(0 <= self.seed < 2**32, f"trainer.seed={self.seed} must be between 0 and 2**32 - 1")
+        self.out_dir = os.path.expanduser(self.out_dir)
         _check(
             self.micro_batch_size is None or self.global_batch_size % self.micro_batch_size == 0,
             f"trainer.global_batch_size={self.global_batch_size} must be divisible by "

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from moe_train.config import Config, ConfigError, DataConfig
-from moe_train.data.indexed import build_gpt_datasets
+from moe_train.data.indexed import build_gpt_datasets, check_prefix
 from moe_train.data.stdlib import load_stdlib_bytes, prepare_stdlib
 from moe_train.data.tokenizer import ByteTokenizer, HFTokenizer
 from moe_train.parallel.topology import Topology
@@ -144,6 +144,8 @@ def build_datasets(config: Config, topology: Topology) -> Datasets:
         prefixes, weights = [str(prefix)], None
     else:
         prefixes, weights = data.prefixes, data.weights
+        for prefix in prefixes:  # a missing corpus is the mistake to name, not its tokenizer
+            check_prefix(prefix)
         tokenizer_path = _indexed_tokenizer(data)
     tokenizer = HFTokenizer(tokenizer_path)
     train, val = build_gpt_datasets(

@@ -7,6 +7,8 @@ under moe_train/ imports hydra.
 from __future__ import annotations
 
 import copy
+import os
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -18,10 +20,26 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def register_schema() -> None:
-    """conf/config.yaml lists `schema` first: every key exists, with its type, before any override."""
+    """conf/config.yaml lists `schema` first: every key exists, with its type, before any override.
+    Also the `expanduser` resolver, with which hydra.run.dir follows trainer.out_dir's ~."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="schema", node=Config)
+    OmegaConf.register_new_resolver("expanduser", os.path.expanduser, replace=True)
+
+
+def _unknown_key(cfg: DictConfig, node, prefix: str = "") -> str | None:
+    """The first key of `cfg` that the dataclass `node` has no field for (one added with `+key=`,
+    which the schema's struct mode lets through), searching nested dataclasses."""
+    names = {f.name: getattr(node, f.name) for f in fields(node)}
+    for key in cfg:
+        if key not in names:
+            return f"{prefix}{key}"
+        if is_dataclass(names[key]) and isinstance(cfg[key], DictConfig):
+            found = _unknown_key(cfg[key], names[key], f"{prefix}{key}.")
+            if found:
+                return found
+    return None
 
 
 def _one_line(error: BaseException) -> str:
@@ -39,7 +57,11 @@ def to_config(cfg: DictConfig) -> Config:
     with open_dict(cfg):
         cfg.pop("hydra", None)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+        unknown = _unknown_key(cfg, config)
+        if unknown:
+            raise ConfigError(f"{unknown}: no such key in the schema (moe_train/config.py)")
+        return config
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
@@ -59,8 +81,16 @@ def apply_init_from(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     from moe_train.train.checkpoint import load_config, resolve_checkpoint
 
     keys = [o.lstrip("+").partition("=")[0] for o in overrides if not o.startswith("~")]
-    path = resolve_checkpoint(cfg.trainer.init_from)
-    model = OmegaConf.structured(load_config(path).model)
+    try:
+        path = resolve_checkpoint(cfg.trainer.init_from)
+        model = OmegaConf.structured(load_config(path).model)
+    except ConfigError:
+        # The source may be gone once the run has checkpoints of its own, which it resumes from
+        # instead (a requeued job): their architecture is the one to build.
+        own = _own_newest_checkpoint(cfg)
+        if own is None:
+            raise
+        path, model = Path(cfg.trainer.init_from), OmegaConf.structured(load_config(own).model)
     for key in keys:
         if key.startswith("model."):
             OmegaConf.update(model, key.removeprefix("model."), OmegaConf.select(cfg, key), merge=False)
@@ -68,6 +98,23 @@ def apply_init_from(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     cfg.model = model
     cfg.trainer.init_from = str(path)
     return cfg
+
+
+def _own_newest_checkpoint(cfg: DictConfig) -> Path | None:
+    """The newest complete checkpoint in trainer.out_dir when the run resumes from it (resume=auto)
+    and out_dir is a plain path (not one that depends on the model's name, which init_from sets)."""
+    from moe_train.train.checkpoint import resolve_checkpoint
+
+    trainer = cfg.trainer
+    if trainer.resume != "auto" or OmegaConf.is_interpolation(trainer, "out_dir"):
+        return None
+    out_dir = Path(os.path.expanduser(trainer.out_dir))
+    if not (out_dir / "checkpoints").is_dir():
+        return None
+    try:
+        return resolve_checkpoint(out_dir)
+    except ConfigError:  # no complete checkpoint
+        return None
 
 
 def check_presets(overrides: list[str]) -> None:

@@ -120,10 +120,11 @@ class SaveCheckpoints(Callback):
 
 class EarlyExit(Callback):
     """Stops after trainer.exit_after_steps / exit_after_minutes in this invocation, or when Slurm
-    (or anyone) sends SIGTERM or SIGUSR1: the step in flight finishes, a checkpoint is written,
-    and the process exits cleanly so a requeued job resumes with trainer.resume=auto."""
+    (or anyone) sends SIGTERM or SIGUSR1, or at a first Ctrl-C (SIGINT): the step in flight
+    finishes, a checkpoint is written, and the process exits cleanly so a requeued job resumes
+    with trainer.resume=auto. A second Ctrl-C stops at once (KeyboardInterrupt)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def on_fit_start(self, trainer):
         self.start_step = trainer.progress.step
@@ -136,6 +137,9 @@ class EarlyExit(Callback):
 
     def _on_signal(self, signum, frame):
         self.signal_received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])  # the next Ctrl-C interrupts
+            log.warning("Ctrl-C: stopping with a checkpoint after this step (Ctrl-C again to stop at once)")
 
     def on_step_end(self, trainer, metrics):
         t = trainer.config.trainer

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -62,7 +63,12 @@ def load_config(checkpoint: str | Path) -> Config:
             f"{checkpoint} is not a moe_train checkpoint (a folder with config.yaml and DCP's .metadata)"
         )
     schema = OmegaConf.structured(Config)
-    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(checkpoint / "config.yaml")))
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(checkpoint / "config.yaml")))
+    except ConfigError:
+        raise
+    except Exception as e:  # YAML that does not parse, or keys / values the schema refuses
+        raise ConfigError(f"{checkpoint / 'config.yaml'} is damaged: {_reason(e)}") from None
 
 
 def dcp_save(state: dict, path: Path, topology: Topology, background: bool = False) -> Future | None:
@@ -126,6 +132,7 @@ def dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
     that does not fit this model becomes one line naming the first mismatch."""
     distributed = topology is not None and topology.distributed
     try:
+        _refuse_weights_model_lacks(path, state)
         absent = _routing_biases_absent_from(path, state)
         if topology is not None:
             state = expert_shards_to_dtensors(state, topology)
@@ -136,6 +143,19 @@ def dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
         state = expert_shards_to_dtensors(state, topology, inverse=True)
     state["model"].update(absent)
     return state
+
+
+def _refuse_weights_model_lacks(path: Path, state: dict) -> None:
+    """DCP loads the keys the model asks for and ignores the rest: a checkpoint of a deeper model,
+    say, would load into a shallower one without a word. Refuse that."""
+    ours = {f"model.{k}" for k in state.get("model", {})}
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    extra = sorted(k for k in stored if k.startswith("model.") and k not in ours)
+    if extra:
+        raise ConfigError(
+            f"it holds {len(extra)} model tensors this model lacks, e.g. {extra[0].removeprefix('model.')} "
+            "(a model.* setting differs from the checkpoint's config.yaml)"
+        )
 
 
 def _routing_biases_absent_from(path: Path, state: dict) -> dict:
@@ -230,6 +250,23 @@ class Checkpointer:
         found = self.complete()
         return found[-1] if found else None
 
+    def set_aside_later_than(self, step: int) -> None:
+        """Rank 0: a run resumed from an earlier checkpoint of its own continues from there; the
+        later checkpoints belong to the timeline it left. They move to checkpoints/superseded/
+        (nothing is deleted), so that keep_last and trainer.resume=auto see this timeline only."""
+        if self.topology.is_main:
+            later = [p for p in self.complete() if int(_STEP_DIR.match(p.name).group(1)) > step]
+            if later:
+                aside = self.dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+                aside.mkdir(parents=True, exist_ok=True)
+                for p in later:
+                    p.rename(aside / p.name)
+                log.warning(
+                    "resumed from step %d of this run: its %d later checkpoint(s) (%s) moved to %s",
+                    step, len(later), ", ".join(p.name for p in later), aside,
+                )  # fmt: skip
+        self.topology.barrier()
+
     def remove_partial(self) -> None:
         """Delete folders left by a save that crashed (rank 0)."""
         if self.topology.is_main and self.dir.is_dir():
@@ -279,7 +316,8 @@ class Checkpointer:
                 tmp.rename(final)
                 shutil.rmtree(old, ignore_errors=True)
                 for stale in self.complete()[: -self.keep_last]:
-                    shutil.rmtree(stale, ignore_errors=True)
+                    if stale != final:
+                        shutil.rmtree(stale, ignore_errors=True)
         except Exception as e:
             if all_ranks:
                 raise

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from moe_train.config import Config
+from moe_train.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s by device name (the vendors' datasheets, without sparsity).
 PEAK_BF16_FLOPS = {
@@ -36,7 +39,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    metrics = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash mid-write
+            if line.strip():
+                log.warning("%s line %d is not JSON (cut short?): skipped", path, number)
+    return metrics
 
 
 class MetricsWriter:
@@ -54,17 +64,23 @@ class MetricsWriter:
             import wandb  # imported only when used: it is slow to import
 
             out_dir = Path(config.trainer.out_dir).resolve()
-            self.wandb = wandb.init(
-                project=wandb_cfg.project,
-                entity=wandb_cfg.entity,
-                name=wandb_cfg.name or out_dir.name,
-                id=hashlib.sha1(str(out_dir).encode()).hexdigest()[:16],  # resumes the same run
-                resume="allow",
-                mode=wandb_cfg.mode,
-                dir=str(out_dir),
-                config=asdict(config),
-                settings=wandb.Settings(quiet=True),
-            )
+            try:
+                self.wandb = wandb.init(
+                    project=wandb_cfg.project,
+                    entity=wandb_cfg.entity,
+                    name=wandb_cfg.name or out_dir.name,
+                    id=hashlib.sha1(str(out_dir).encode()).hexdigest()[:16],  # resumes the same run
+                    resume="allow",
+                    mode=wandb_cfg.mode,
+                    dir=str(out_dir),
+                    config=asdict(config),
+                    settings=wandb.Settings(quiet=True),
+                )
+            except wandb.errors.UsageError as e:  # online without a login, say
+                raise ConfigError(
+                    f"logging.wandb.mode={wandb_cfg.mode}: {str(e).strip().splitlines()[0]} "
+                    "(or log offline: logging.wandb.mode=offline, then `wandb sync`)"
+                ) from None
 
     def log(self, metrics: dict) -> None:
         with self.path.open("a") as f:

@@ -119,6 +119,8 @@ class Trainer:
         if path is not None:
             self.progress = self.checkpointer.load(path, self.engine)
             log.info("resumed from %s at step %d", path, self.progress.step)
+            if path.resolve().parent == self.checkpointer.dir.resolve():
+                self.checkpointer.set_aside_later_than(self.progress.step)
         elif t.init_from:
             load_weights(t.init_from, self.model, self.topology)
             log.info("starting from the weights of %s", t.init_from)
@@ -128,6 +130,12 @@ class Trainer:
         replaces the default list (moe_train.train.callbacks.default_callbacks)."""
         self.resume()
         t = self.config.trainer
+        if self.config.optim.warmup_steps >= t.max_steps:
+            log.warning(
+                "optim.warmup_steps=%d >= trainer.max_steps=%d: the learning rate never reaches optim.lr",
+                self.config.optim.warmup_steps,
+                t.max_steps,
+            )
         if self.progress.step >= t.max_steps:
             log.warning(
                 "%s is already at step %d of trainer.max_steps=%d: nothing to train",

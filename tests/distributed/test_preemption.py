@@ -51,7 +51,8 @@ def signal_after_three_steps(proc, out_dir: Path, signum) -> tuple[str, int]:
     return output, stopped
 
 
-def test_sigterm_to_a_cli_run_checkpoints_exits_zero_and_resumes(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_sigterm_or_ctrl_c_to_a_cli_run_checkpoints_exits_zero_and_resumes(tmp_path, signum):
     out_dir = tmp_path / "run"
     args = [
         *TINY,
@@ -69,8 +70,8 @@ def test_sigterm_to_a_cli_run_checkpoints_exits_zero_and_resumes(tmp_path):
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    output, stopped = signal_after_three_steps(proc, out_dir, signal.SIGTERM)
-    assert "SIGTERM received" in output
+    output, stopped = signal_after_three_steps(proc, out_dir, signum)
+    assert f"{signal.Signals(signum).name} received" in output
     metrics = out_dir / "metrics.jsonl"
 
     resumed = subprocess.run(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,45 @@ def test_resume_auto_takes_newest_complete_checkpoint_and_ignores_partial(tmp_pa
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000004", "step_00000006"]
 
 
+def test_resume_from_an_earlier_checkpoint_of_the_run_sets_the_later_ones_aside(tmp_path, tiny_overrides):
+    """Going back (before an instability, say) starts a new timeline: the later checkpoints of the
+    old one move to checkpoints/superseded/, keep_last prunes this timeline only, resume=auto
+    continues it, and metrics.jsonl holds each step once."""
+    overrides = [*tiny_overrides, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.eval_every=0"]
+    train(overrides)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000006", "step_00000008"]
+    branch = [f"trainer.resume={ckpts / 'step_00000006'}", "trainer.keep_last=1", "optim.lr=1e-3"]
+    train([*overrides, *branch, "trainer.exit_after_steps=1"])
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000007"]  # the one just saved
+    (aside,) = (ckpts / "superseded").iterdir()
+    assert [p.name for p in aside.iterdir()] == ["step_00000008"]
+    metrics = train([*overrides, "trainer.keep_last=1", "optim.lr=1e-3"])
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000008"]
+    assert load_config(ckpts / "step_00000008").optim.lr == 1e-3
+
+
+def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path, tiny_overrides):
+    overrides = [*tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=0"]
+    train([*overrides, "trainer.exit_after_steps=2"])
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    with metrics_file.open("a") as f:
+        f.write('{"step": 3, "loss": 5.')  # the crash came mid-write
+    assert [m["step"] for m in train(overrides)] == [1, 2, 3, 4]
+
+
+def test_a_run_started_from_init_from_resumes_after_its_source_is_gone(tmp_path, tiny_overrides):
+    """init_from is needed once: a requeued job resumes from the run's own checkpoints."""
+    source = tmp_path / "source"
+    train([*tiny_overrides[:-1], f"trainer.out_dir={source}", "trainer.max_steps=1", "model.moe.num_experts=4"])
+    overrides = [*tiny_overrides, f"trainer.init_from={source}", "trainer.max_steps=4", "trainer.eval_every=0"]
+    train([*overrides, "trainer.exit_after_steps=2"])
+    shutil.rmtree(source)
+    assert [m["step"] for m in train(overrides)] == [1, 2, 3, 4]
+    assert load_config(tmp_path / "run" / "checkpoints" / "step_00000004").model.moe.num_experts == 4
+
+
 def test_resume_none_refuses_to_overwrite_and_finished_run_does_nothing(tmp_path, tiny_overrides):
     overrides = [*tiny_overrides, "trainer.max_steps=2"]
     train(overrides)
@@ -89,6 +129,13 @@ def test_resume_from_checkpoint_of_another_model_or_a_damaged_one_fails_clearly(
                 "trainer.max_steps=2",
             ]
         )
+    with pytest.raises(ConfigError, match="it holds .* model tensors this model lacks, e.g. layers.1."):
+        train([*tiny_overrides, "model.num_layers=1", "trainer.max_steps=2"])  # not silently dropped
+    config_yaml = (ckpt / "config.yaml").read_text()
+    (ckpt / "config.yaml").write_text("model: [")
+    with pytest.raises(ConfigError, match="config.yaml is damaged"):
+        train([*tiny_overrides, "trainer.max_steps=2"])
+    (ckpt / "config.yaml").write_text(config_yaml)
     shard = next(ckpt.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(ConfigError, match="cannot load checkpoint .*: one of its files ends too early"):

@@ -133,6 +133,10 @@ def test_bad_values_name_the_key(build, message):
             ["model=mixtral_tiny", "model.moe.num_expert_groups=3"],
             "model.moe.num_expert_groups=3 must be >= 1 and divide model.moe.num_experts=8",
         ),
+        # a key Hydra's `+` adds past the schema's struct mode: a typo that would train another run
+        (["+trainer.max_step=4"], "trainer.max_step: no such key in the schema"),
+        (["++model.moe.foo=1"], "model.moe.foo: no such key in the schema"),
+        (["trainer.seed=-1"], "trainer.seed=-1 must be between 0 and 2**32 - 1"),
         (
             ["model=mixtral_tiny", "parallel.ep=4", "model.moe.device_aux_loss_coef=0.05"],
             "model.moe.device_aux_loss_coef=0.05 balances groups of experts, but model.moe.num_expert_groups=1",
@@ -191,3 +195,8 @@ def test_latent_attention_sets_its_own_head_sizes():
     config = ModelConfig(dim=100, num_heads=8, num_kv_heads=3, mla=MLAConfig(kv_lora_rank=16))
     assert config.attention_head_dims == (128 + 64, 128) and config.rope_dim == 64
     assert ModelConfig(dim=64, num_heads=4).attention_head_dims == (16, 16)
+
+
+def test_out_dir_with_a_tilde_is_in_the_home_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert compose_config(["trainer.out_dir='~/runs/x'"]).trainer.out_dir == str(tmp_path / "runs" / "x")
