@@ -10,7 +10,6 @@ gradient norm stops being finite prints one line and exits with code 1, before s
 """
 
 import logging
-import os
 import sys
 
 import hydra
@@ -18,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from moe_train.config import ConfigError
+from moe_train.parallel.topology import launcher_env
 from moe_train.tools.cli import exit_on_config_error
 from moe_train.tools.hydra_config import apply_init_from, compose_config, register_schema, to_config
 from moe_train.train.trainer import Diverged, run
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         exit_on_config_error(e)
     except Diverged as e:  # every rank stops at the same step: one of them says why
-        if os.environ.get("RANK", "0") == "0":
+        if launcher_env()[1] == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -49,10 +49,8 @@ def preflight(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # rank 0 tells the story; the other ranks speak up only for warnings
-    logging.getLogger("moe_train").setLevel(
-        logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
-    )
+    # rank 0 (torchrun's or srun's) tells the story; the other ranks speak up only for warnings
+    logging.getLogger("moe_train").setLevel(logging.INFO if launcher_env()[1] == 0 else logging.WARNING)
     register_schema()
     preflight(sys.argv[1:])
     main()

@@ -33,7 +33,7 @@ def named_collective(what: str) -> Iterator[None]:
         raise RuntimeError(f"{what} failed on rank {rank}: {e}") from e
 
 
-def _launcher_env() -> tuple[int, int, int]:
+def launcher_env() -> tuple[int, int, int]:
     """(world size, rank, local rank): torchrun's, else srun tasks' (Slurm, submitit), else one process."""
     env = os.environ
     if "WORLD_SIZE" in env:
@@ -75,6 +75,15 @@ def retain_freed_memory() -> None:
         mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
+def _default_timeout_of_later_groups(timeout: timedelta) -> None:
+    """Groups made after the world's (the mesh's edp and ep subgroups, DeepSpeed's expert and
+    data-parallel groups, all through dist.new_group without a timeout) get torch's module-level
+    default, 30 minutes on gloo and 10 on NCCL, not the world's: a rank waiting on a hung peer in
+    one of them would outwait parallel.timeout_minutes. Make that default ours."""
+    dist.distributed_c10d.default_pg_timeout = timeout
+    dist.distributed_c10d.default_pg_nccl_timeout = timeout
+
+
 @dataclass
 class Topology:
     world_size: int
@@ -89,7 +98,7 @@ class Topology:
     @classmethod
     def setup(cls, config: ParallelConfig, device_kind: str = "auto") -> Topology:
         """Reads torchrun's environment, checks the layout, starts the process group and mesh."""
-        world_size, rank, local_rank = _launcher_env()
+        world_size, rank, local_rank = launcher_env()
         if world_size % config.ep:
             raise ConfigError(
                 f"parallel.ep={config.ep} must divide the world size {world_size} "
@@ -110,6 +119,7 @@ class Topology:
                     timeout=timedelta(minutes=config.timeout_minutes),
                     device_id=device if device.type == "cuda" else None,
                 )
+            _default_timeout_of_later_groups(timedelta(minutes=config.timeout_minutes))
             mesh = init_device_mesh(
                 device.type, (world_size // config.ep, config.ep), mesh_dim_names=("edp", "ep")
             )

@@ -120,11 +120,12 @@ class SaveCheckpoints(Callback):
 
 class EarlyExit(Callback):
     """Stops after trainer.exit_after_steps / exit_after_minutes in this invocation, or when Slurm
-    (or anyone) sends SIGTERM or SIGUSR1, or at a first Ctrl-C (SIGINT): the step in flight
+    (or anyone) sends SIGTERM, SIGUSR1 or SIGUSR2 (what Hydra's submitit launcher has Slurm send
+    before the time limit), or at a first Ctrl-C (SIGINT): the step in flight
     finishes, a checkpoint is written, and the process exits cleanly so a requeued job resumes
     with trainer.resume=auto. A second Ctrl-C stops at once (KeyboardInterrupt)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)  # USR2: submitit's
 
     def on_fit_start(self, trainer):
         self.start_step = trainer.progress.step

@@ -105,6 +105,21 @@ def deepspeed_config(config: Config, micro_batches: int, bf16: bool) -> dict:
                 f"engine.deepspeed_config={path} has an '{key}' section; the optimizer and schedule come "
                 "from optim.* (AdamW, warmup + cosine), so both engines train the same run: remove it"
             )
+    # what our config owns: set there, it is recorded in each checkpoint's config.yaml
+    for key, ours in (
+        ("gradient_clipping", "optim.grad_clip"),
+        ("bf16", "trainer.precision"),
+        ("fp16", "trainer.precision (bf16 or fp32; fp16's loss scaling is not supported)"),
+    ):
+        if key in user:
+            raise ConfigError(
+                f"engine.deepspeed_config={path} sets {key}: set {ours} instead and leave it out"
+            )
+    if not isinstance(user.get("zero_optimization", {}), dict):
+        raise ConfigError(
+            f"engine.deepspeed_config={path}: zero_optimization must be an object, e.g. "
+            '{"zero_optimization": {"stage": 2}}'
+        )
     ds = _merge(ds, user)
     check_zero_stage(ds["zero_optimization"].get("stage", 0), f"{path}: zero_optimization.stage")
     return ds

@@ -178,3 +178,10 @@ def test_a_failed_peer_gives_an_error_naming_the_collective(tmp_path, how):
         run_ranks(2, workers.peer_fails_during_all_to_all, how, tmp_path, result_dir=tmp_path, timeout=60)
     assert "expert-parallel all_to_all_single (counts) failed on rank 0" in failed.value.errors[0]
     assert float((tmp_path / "elapsed").read_text()) < 30  # the 6 s timeout, not a hang
+
+
+def test_subgroups_time_out_as_the_world_group_does(tmp_path):
+    with pytest.raises(RankFailed):
+        run_ranks(4, workers.peer_hangs_in_a_subgroup, tmp_path, result_dir=tmp_path, timeout=60)
+    for rank in (0, 2):
+        assert float((tmp_path / f"elapsed{rank}").read_text()) < 15  # the 6 s timeout

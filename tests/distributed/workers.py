@@ -151,3 +151,23 @@ def train_until_signalled(rank, overrides, result_dir):
     trainer = Trainer(config, Topology.setup(config.parallel, "cpu"))
     trainer.fit([SignalAtStep3(), *default_callbacks(trainer)])
     Path(result_dir, f"rank{rank}.step").write_text(str(trainer.progress.step))
+
+
+def peer_hangs_in_a_subgroup(rank, result_dir):
+    """World 4 at ep=2. Rank 3 hangs; rank 2 waits on it in the mesh's ep subgroup {2, 3}, rank 0 in a
+    group made later with dist.new_group {0, 3}, as DeepSpeed makes its own: both must time out as
+    the world group does (parallel.timeout_minutes), not after torch's 30-minute default."""
+    topo = Topology.setup(ParallelConfig(ep=2, timeout_minutes=0.1), "cpu")
+    later = dist.new_group([0, 3])
+    dist.barrier()
+    if rank == 3:
+        time.sleep(20)  # longer than the 6 s timeout; then it exits on its own
+        return
+    if rank == 1:
+        return
+    group = later if rank == 0 else topo.mesh.get_group("ep")
+    started = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+    finally:
+        Path(result_dir, f"elapsed{rank}").write_text(str(time.monotonic() - started))

@@ -98,8 +98,15 @@ def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path, ti
 def test_a_run_started_from_init_from_resumes_after_its_source_is_gone(tmp_path, tiny_overrides):
     """init_from is needed once: a requeued job resumes from the run's own checkpoints."""
     source = tmp_path / "source"
-    train([*tiny_overrides[:-1], f"trainer.out_dir={source}", "trainer.max_steps=1", "model.moe.num_experts=4"])
-    overrides = [*tiny_overrides, f"trainer.init_from={source}", "trainer.max_steps=4", "trainer.eval_every=0"]
+    train(
+        [*tiny_overrides[:-1], f"trainer.out_dir={source}", "trainer.max_steps=1", "model.moe.num_experts=4"]
+    )
+    overrides = [
+        *tiny_overrides,
+        f"trainer.init_from={source}",
+        "trainer.max_steps=4",
+        "trainer.eval_every=0",
+    ]
     train([*overrides, "trainer.exit_after_steps=2"])
     shutil.rmtree(source)
     assert [m["step"] for m in train(overrides)] == [1, 2, 3, 4]

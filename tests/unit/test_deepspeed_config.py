@@ -57,6 +57,11 @@ def test_user_json_merges_over_it(tmp_path):
             "zero_optimization.stage=3: DeepSpeed does not support ZeRO stage 3",
         ),
         ({"zero_optimization": {"stage": 0}}, "zero_optimization.stage=0 shards nothing"),
+        # what our config owns and each checkpoint's config.yaml records
+        ({"gradient_clipping": 0.01}, "sets gradient_clipping: set optim.grad_clip instead"),
+        ({"bf16": {"enabled": True}}, "sets bf16: set trainer.precision instead"),
+        ({"fp16": {"enabled": True}}, "sets fp16: set trainer.precision (bf16 or fp32;"),
+        ({"zero_optimization": 2}, "zero_optimization must be an object"),
         ("{not json", "is not valid JSON"),
         ("[1, 2]", "must hold a JSON object"),
     ],
