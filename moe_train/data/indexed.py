@@ -71,6 +71,17 @@ def check_prefix(prefix: str | Path) -> int:
     return int(index.sequence_lengths.sum())
 
 
+def _validation_documents(prefix: str | Path, split: str) -> tuple[int, int]:
+    """(validation documents, documents) of the prefix under megatron's split (its rule: split
+    point k of n documents at round(cumulative weight k x n)). Checked before megatron builds
+    anything, since with none it would loop forever looking for validation tokens."""
+    index = megatron_datasets().indexed_dataset._IndexReader(f"{prefix}.idx", multimodal=False)
+    n = len(index.sequence_lengths)
+    weights = [float(w) for w in split.split(",")]
+    train_end, val_end = (sum(weights[: i + 1]) / sum(weights) for i in (0, 1))
+    return round(val_end * n) - round(train_end * n), n
+
+
 class _TokenizerInfo:
     """What GPTDataset asks of a tokenizer: the vocabulary size and the end-of-document id."""
 
@@ -115,6 +126,13 @@ def build_gpt_datasets(
 ) -> tuple[GPTSamples, GPTSamples]:
     """Train and validation samples of the blend; every prefix is checked first."""
     tokens = [check_prefix(prefix) for prefix in prefixes]
+    for prefix in prefixes:
+        validation, documents = _validation_documents(prefix, split)
+        if validation == 0:
+            raise ConfigError(
+                f"data.split={split!r} leaves no validation documents in {prefix} (a corpus of "
+                f"{documents} documents): give validation a larger share, e.g. data.split='80,20,0'"
+            )
     # Without weights megatron would concatenate one epoch of each corpus whatever size we ask for;
     # weights in proportion to the corpora's tokens sample the same mix for as long as we ask.
     weights = list(weights) if weights else tokens

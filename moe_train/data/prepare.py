@@ -3,9 +3,9 @@
 Documents are read in the parent, tokenized in chunks by a pool of worker processes (order kept),
 each followed by the end-of-document token, and written with the smallest integer dtype that holds
 the vocabulary, a chunk at a time. The encoder is tiktoken where it provably gives `tokenizers`' ids
-(the line-level BPEs we train, see tiktoken_bpe), `tokenizers` otherwise. Output is written under
-temporary names and renamed at the end (.idx last), so an interrupted run never leaves a pair that
-looks complete.
+(the line-level BPEs we train, see tiktoken_bpe), `tokenizers` otherwise. Output (a trained tokenizer
+included) is written under temporary names and renamed at the end (.idx last), so an interrupted
+run never leaves a pair that looks complete, nor replaces the tokenizer of the data already there.
 """
 
 from __future__ import annotations
@@ -147,6 +147,13 @@ def prepare(
             "give either a tokenizer (--tokenizer tokenizer.json) or a vocabulary size to train a BPE"
         )
     prefix = Path(output_prefix)
+    trained_tokenizer = prefix.parent / "tokenizer.json"
+    others = [p.name for p in prefix.parent.glob("*.idx") if p.name != f"{prefix.name}.idx"]
+    if tokenizer is None and trained_tokenizer.exists() and others:
+        raise ConfigError(
+            f"{trained_tokenizer} is the tokenizer of {', '.join(sorted(others))}: a BPE trained now would "
+            f"replace it; encode with it (--tokenizer {trained_tokenizer}) or prepare into another folder"
+        )
     prefix.parent.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
     tmp = prefix.with_name(f"{prefix.name}.tmp{os.getpid()}")
@@ -161,8 +168,7 @@ def prepare(
             if first is None:
                 raise ConfigError(f"empty corpus: no documents in {len(files)} file(s)")
             train_bpe(_first_bytes(itertools.chain([first], texts), bpe_sample_bytes), vocab_size, tmp_tok)
-            tokenizer = prefix.parent / "tokenizer.json"
-            os.replace(tmp_tok, tokenizer)
+            tokenizer = tmp_tok  # put in place with the data, at the end
             bpe_seconds = time.perf_counter() - start
         tokenizer = HFTokenizer(tokenizer)
         dtype = smallest_dtype(tokenizer.vocab_size)
@@ -184,6 +190,9 @@ def prepare(
             )
         builder.finalize(str(tmp_idx))
         _remove(idx_path)  # from here until the last rename the old pair is visibly incomplete
+        if tokenizer.path == tmp_tok:
+            os.replace(tmp_tok, trained_tokenizer)
+            tokenizer.path = trained_tokenizer
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
     except BaseException:

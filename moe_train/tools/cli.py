@@ -1,5 +1,5 @@
 """What every command-line tool shares: a configuration or input mistake is one line on stderr and
-exit code 2, never a traceback."""
+exit code 2, never a traceback. A path that cannot be read or written (OSError) is such a mistake."""
 
 from __future__ import annotations
 
@@ -21,3 +21,6 @@ def one_line_errors() -> Iterator[None]:
         yield
     except ConfigError as e:
         exit_on_config_error(e)
+    except OSError as e:  # a path that does not exist, is not writable, is a file where a folder goes...
+        where = f": {e.filename}" if e.filename else ""
+        exit_on_config_error(ConfigError(f"{e.strerror or e}{where}"))

@@ -24,8 +24,8 @@ def depth_upscale(checkpoint: str, out_dir: str, drop: int | None = None):
     config, model = load_model(checkpoint)
     n = config.model.num_layers
     m = n // 4 if drop is None else drop
-    if not 0 <= m <= n // 2:
-        raise ConfigError(f"--drop={m} must be between 0 and n/2 = {n // 2} for a {n}-layer model")
+    if not 0 <= 2 * m < n:  # at m = n/2 the two halves stack back into the model itself
+        raise ConfigError(f"--drop={m} must be >= 0 and below n/2 = {n / 2:g} for a {n}-layer model")
     sources = list(range(n - m)) + list(range(m, n))  # new layer i <- old layer sources[i]
     # a name of its own: runs default to runs/<model name>, where the source run's checkpoints are
     name = f"{config.model.name}_{len(sources)}l"

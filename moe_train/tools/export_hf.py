@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
 
 from moe_train.config import ConfigError
+from moe_train.data import ByteTokenizer
 from moe_train.data.loader import tokenizer_file
+from moe_train.data.tokenizer import HFTokenizer
 from moe_train.tools import hf
 from moe_train.tools.cli import one_line_errors
 from moe_train.train.checkpoint import load_model
 
 SHARD_SIZE = "5GB"
+log = logging.getLogger(__name__)
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -40,8 +44,18 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    tokenizer = tokenizer_file(config.data)
+    if tokenizer is not None:
+        eos_id = HFTokenizer(tokenizer).eos_id
+    elif config.data.name == "stdlib_bytes":
+        eos_id = ByteTokenizer().eos_id
+    else:
+        eos_id = None
+        log.warning("the tokenizer of data=%s is not on this machine: exported without one", config.data.name)
     try:
         hf_config.architectures = [type(hf_config).__name__.replace("Config", "ForCausalLM")]
+        # documents are separated by the end-of-document token: it also starts one
+        hf_config.bos_token_id = hf_config.eos_token_id = eos_id
         hf_config.save_pretrained(tmp)
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=SHARD_SIZE)
         for filename, names in split.filename_to_tensors.items():
@@ -52,14 +66,13 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
                 "weight_map": split.tensor_to_filename,
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        tokenizer = tokenizer_file(config.data)
         if tokenizer is not None:
             shutil.copy(tokenizer, tmp / "tokenizer.json")
             (tmp / "tokenizer_config.json").write_text(
                 json.dumps(
                     {
                         "tokenizer_class": "PreTrainedTokenizerFast",
-                        "eos_token": "<|endoftext|>",
+                        "eos_token": HFTokenizer(tokenizer).eos_token,
                         "model_max_length": config.model.max_seq_len,
                     },
                     indent=2,

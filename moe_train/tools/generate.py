@@ -32,7 +32,7 @@ def sample(
     """One sample per prompt (the prompt included), reproducible for a seed on a device."""
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens={max_new_tokens} must be >= 1")
-    if temperature < 0:
+    if not 0 <= temperature < float("inf"):  # NaN included
         raise ConfigError(f"--temperature={temperature} must be >= 0 (0: the most likely token)")
     if top_k < 0:
         raise ConfigError(f"--top-k={top_k} must be >= 0 (0: no cut)")

@@ -444,6 +444,14 @@ def _deepseek_from_hf(hf: dict, model_type: str) -> tuple[MoEConfig, MLAConfig]:
 def from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
     """A transformers config.json (Llama, Mistral, Mixtral, Qwen2-MoE, DeepSeek-V2/V3) -> our
     ModelConfig and its type."""
+    try:
+        return _from_hf_config(hf)
+    except KeyError as e:
+        model_type = hf.get("model_type")
+        raise ConfigError(f"config.json lacks {e.args[0]!r}, which a {model_type} model has") from None
+
+
+def _from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
     model_type = hf.get("model_type")
     supported = ("llama", "mistral", "mixtral", "qwen2_moe", *_DEEPSEEK)
     if model_type not in supported:
@@ -521,12 +529,22 @@ def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ConfigError(f"{folder} has no config.json (expected a Hugging Face model folder)")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(_read_json(index)["weight_map"].values()))
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         raise ConfigError(f"{folder} has no model.safetensors (or index); only safetensors weights are read")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        tensors.update(load_file(folder / name))
-    return json.loads(config_path.read_text()), tensors
+        try:
+            tensors.update(load_file(folder / name))
+        except Exception as e:  # missing, cut short (an interrupted download), not safetensors
+            raise ConfigError(f"{folder / name} cannot be read: {str(e).strip().splitlines()[0]}") from None
+    return _read_json(config_path), tensors
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None

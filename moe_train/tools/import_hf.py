@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moe_train.config import Config, DataConfig
+from moe_train.config import Config, ConfigError, DataConfig
 from moe_train.model import Transformer
 from moe_train.tools import hf
 from moe_train.tools.cli import one_line_errors
@@ -33,7 +33,11 @@ def import_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
     with torch.device("meta"):
         model = Transformer(model_config)
     model = model.to_empty(device="cpu")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as e:  # shapes that do not fit config.json
+        reason = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise ConfigError(f"the weights of {hf_dir} do not fit its config.json: {reason}") from None
     model.init_rope()
     data = DataConfig(seq_len=min(DataConfig.seq_len, model_config.max_seq_len))
     return save_weights(Config(model=model_config, data=data), model, out_dir)

@@ -51,6 +51,10 @@ def upcycle(
             f"--granularity={granularity} must divide the dense FFN's hidden size "
             f"{model_config.ffn_hidden_dim}"
         )
+    if num_experts < 1:
+        raise ConfigError(f"--num-experts={num_experts} must be >= 1")
+    if not router_std >= 0 or router_std == float("inf"):  # NaN fails the first test
+        raise ConfigError(f"--router-std={router_std} must be a finite number >= 0")
     if num_experts % granularity:
         raise ConfigError(f"--num-experts={num_experts} must be a multiple of --granularity={granularity}")
     moe = MoEConfig(

@@ -75,6 +75,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, overrides, 
     out = export(run_dir, tmp_path / "hf")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(hf_model).__name__ == architecture
+    assert hf_model.generation_config.eos_token_id == 0  # the byte stream's end-of-document token
     _, ours = load_model(run_dir)
     assert logits_agree(ours, hf_model, 256) < 1e-4
 
@@ -238,6 +239,8 @@ def test_depth_upscaling_stacks_two_trimmed_copies(tmp_path, preset):
     for i, j in enumerate([0, 1, 2, 1, 2, 3]):  # first copy minus its last layer, second minus its first
         for name in (k for k in old if k.startswith(f"layers.{j}.")):
             assert torch.equal(new[name.replace(f"layers.{j}.", f"layers.{i}.", 1)], old[name])
-    with pytest.raises(ConfigError, match="--drop=3 must be between 0 and n/2 = 2"):
-        depth_upscale(src, tmp_path / "bad", drop=3)
-    trained(tmp_path, f"trainer.init_from={out}")
+    for drop in (2, 3):  # 2 = n/2 would give back the source model
+        with pytest.raises(ConfigError, match=f"--drop={drop} must be >= 0 and below n/2 = 2 for a 4-layer"):
+            depth_upscale(src, tmp_path / "bad", drop=drop)
+    # TINY's model.num_layers=2 would apply over the architecture: give the new depth
+    trained(tmp_path, f"trainer.init_from={out}", "model.num_layers=6")

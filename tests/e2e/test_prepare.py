@@ -203,6 +203,41 @@ def test_failed_preparation_leaves_nothing_behind(tmp_path):
     assert not any(p.suffix in (".bin", ".idx") for p in (tmp_path / "out2").iterdir())
 
 
+def test_a_corpus_too_small_for_the_split_is_refused_not_a_hang(corpora, tmp_path):
+    """beta's 60 documents at 995,5,0 give validation round(60) - round(59.7) = 0 documents:
+    megatron would look for validation tokens forever."""
+    root, _ = corpora
+    with pytest.raises(ConfigError, match=r"data.split='995,5,0' leaves no validation documents in .*beta "
+                       r"\(a corpus of 60 documents\)"):  # fmt: skip
+        build(root, ["beta/beta"], split="995,5,0")
+
+
+def test_a_trained_bpe_never_replaces_the_tokenizer_of_corpora_already_there(corpora, tmp_path):
+    root, trained = corpora
+    folder = tmp_path / "shared"
+    source = jsonl(tmp_path / "src.jsonl", documents(30, "gamma"))
+    first = prepare([source], folder / "one", vocab_size=300, progress=False)
+    before = first.tokenizer.read_bytes()
+    with pytest.raises(ConfigError, match="is the tokenizer of one.idx: a BPE trained now would replace it"):
+        prepare([source], folder / "two", vocab_size=400, progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(ConfigError):  # a failed run of the same prefix leaves its tokenizer as it was
+        prepare([bad], folder / "one", vocab_size=400, on_missing="fail", progress=False)
+    assert first.tokenizer.read_bytes() == before
+    again = prepare([source], folder / "one", vocab_size=280, progress=False)  # the same prefix again: fine
+    assert HFTokenizer(again.tokenizer).vocab_size == 280
+
+
+def test_the_bpe_trainer_sees_long_lines_in_pieces():
+    from moe_train.data.tokenizer import WORD_LIMIT, _bounded_words
+
+    text = "short line\n" + "x" * (2 * WORD_LIMIT + 5) + "\nend"
+    pieces = list(_bounded_words(["small", text]))
+    assert pieces[0] == "small" and "".join(pieces[1:]) == text
+    assert max(map(len, pieces)) == WORD_LIMIT
+
+
 def test_cli_prepares_and_reports(tmp_path):
     jsonl(tmp_path / "in" / "part1.jsonl", documents(30, "gamma"))
     result = subprocess.run(
