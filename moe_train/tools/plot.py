@@ -24,8 +24,8 @@ from moe_train.train.metrics import read_metrics  # noqa: E402
 def plot_losses(runs: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, metrics in runs.items():
-        steps = [m["step"] for m in metrics]
-        line = ax.plot(steps, [m["lm_loss"] for m in metrics], alpha=0.5, label=f"{name} train")[0]
+        train = [(m["step"], m["lm_loss"]) for m in metrics if "lm_loss" in m]
+        line = ax.plot(*zip(*train), alpha=0.5, label=f"{name} train")[0] if train else ax.plot([])[0]
         val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
         if val:
             ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{name} validation")

@@ -44,6 +44,8 @@ def main(argv: list[str]) -> None:
     with one_line_errors():
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers={args.workers} must be >= 1")
+        if not args.bpe_sample_mb > 0:
+            raise ConfigError(f"--bpe-sample-mb={args.bpe_sample_mb} must be > 0")
         result = prepare(
             find_files(args.inputs),
             args.output,

@@ -242,8 +242,12 @@ class Trainer:
             remedies += ", or clip gradients (optim.grad_clip > 0)"
         raise Diverged(
             f"step {self.progress.step + 1} diverged: loss {self._objective(*losses):.4g}, gradient norm "
-            f"{grad_norm:.4g}. Stopped before saving it; the newest checkpoint is "
-            f"{latest if latest is not None else 'none (nothing was saved)'}: resume from it with {remedies}"
+            f"{grad_norm:.4g}. Stopped before saving it; "
+            + (
+                f"the newest checkpoint is {latest}: resume from it with {remedies}"
+                if latest is not None
+                else f"nothing was saved yet: start again with {remedies}"
+            )
         )
 
     def _objective(self, lm, aux, device_aux, z):
