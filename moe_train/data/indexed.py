@@ -92,10 +92,13 @@ class _TokenizerInfo:
 
 
 class GPTSamples:
-    """A GPTDataset (or blend) as (count, seq_len + 1) windows: inputs and next-token targets."""
+    """A GPTDataset (or blend) as (count, seq_len + 1) windows: inputs and next-token targets.
+    Each batch's ids are checked against the tokenizer's vocabulary: data prepared with another
+    tokenizer would otherwise fail deep in the embedding (a device-side assert on a GPU)."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, vocab_size: int):
         self.dataset = dataset
+        self.vocab_size = vocab_size
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -109,7 +112,13 @@ class GPTSamples:
         for i in range(start, start + count):
             sample = self.dataset[i]
             rows.append(torch.cat([sample["tokens"], sample["labels"][-1:]]))
-        return torch.stack(rows)
+        batch = torch.stack(rows)
+        if int(batch.max()) >= self.vocab_size:
+            raise ConfigError(
+                f"token id {int(batch.max())} in the data is outside the tokenizer's vocabulary of "
+                f"{self.vocab_size}: the corpus was prepared with another tokenizer (data.tokenizer)"
+            )
+        return batch
 
 
 def build_gpt_datasets(
@@ -157,4 +166,4 @@ def build_gpt_datasets(
         train, valid, _ = builder.build()
     if train is None or valid is None or len(valid) < num_valid:
         raise ConfigError(f"data.split={split!r} leaves no validation documents in {', '.join(prefixes)}")
-    return GPTSamples(train), GPTSamples(valid)
+    return GPTSamples(train, vocab_size), GPTSamples(valid, vocab_size)

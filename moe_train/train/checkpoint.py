@@ -342,7 +342,12 @@ class Checkpointer:
                 f"engine={engine.name}; resume with engine={written_by}, "
                 f"or start from its weights with trainer.init_from={path}"
             )
-        state = engine.load(path, _progress_state(Progress()))
+        try:
+            state = engine.load(path, _progress_state(Progress()))
+        except ConfigError:
+            raise
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. optimizer state of other parameters
+            raise ConfigError(f"cannot resume from {path} in this run: {_reason(e)}") from e
         torch.set_rng_state(state["rng"])
         return Progress(int(state["step"]), int(state["consumed_samples"]))
 

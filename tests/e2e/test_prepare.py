@@ -185,6 +185,16 @@ def test_tokenizer_larger_than_the_model_is_refused(corpora, tmp_path):
         run(compose_config(indexed_overrides(root, tmp_path, "model.vocab_size=300")))
 
 
+def test_data_prepared_with_another_tokenizer_is_refused_at_its_first_batch(corpora):
+    root, _ = corpora
+    (train, _), tokenizer = build(root, ["both/both"])
+    train.vocab_size = 300  # as if data.tokenizer named a smaller tokenizer than the corpus's (400)
+    with pytest.raises(
+        ConfigError, match="token id 3.. in the data is outside the tokenizer's vocabulary of 300"
+    ):
+        train.samples(0, 64)
+
+
 def test_weights_must_match_prefixes():
     with pytest.raises(ConfigError, match="data.weights has 1 entries but data.prefixes has 2"):
         compose_config(["data=indexed", "data.prefixes=[a,b]", "data.weights=[1.0]"])

@@ -136,6 +136,8 @@ def test_resume_from_checkpoint_of_another_model_or_a_damaged_one_fails_clearly(
                 "trainer.max_steps=2",
             ]
         )
+    with pytest.raises(ConfigError, match="cannot resume from .*: Missing optimizer state for parameter"):
+        train([*tiny_overrides, "model.tie_embeddings=true", "trainer.max_steps=2"])  # one parameter fewer
     with pytest.raises(ConfigError, match="it holds .* model tensors this model lacks, e.g. layers.1."):
         train([*tiny_overrides, "model.num_layers=1", "trainer.max_steps=2"])  # not silently dropped
     config_yaml = (ckpt / "config.yaml").read_text()
