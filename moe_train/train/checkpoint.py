@@ -14,9 +14,12 @@ the engine that wrote it (config.yaml says which).
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import re
 import shutil
+import socket
 import time
 import warnings
 from concurrent.futures import Future
@@ -236,6 +239,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.background = background
         self._in_flight: tuple[Future | None, Path, str] | None = None  # a save not yet complete
+        self._lock_file = None  # rank 0's handle on out_dir/.lock while the run holds it
         if background:
             topology.background_group()  # created now, by every rank at once
 
@@ -249,6 +253,42 @@ class Checkpointer:
     def latest(self) -> Path | None:
         found = self.complete()
         return found[-1] if found else None
+
+    def lock(self) -> None:
+        """Rank 0 holds an exclusive lock (flock) on out_dir/.lock while the run lives, released
+        by the kernel if it dies: a second run in the same directory (a second terminal, a job
+        requeued while the first still runs) would log every step twice and delete the other's
+        checkpoint in progress. Where the filesystem has no locks, a warning and no guard."""
+        holder = None
+        if self.topology.is_main:
+            path = self.dir.parent / ".lock"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file = path.open("a+")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = file.read().strip() or "a process"
+                file.close()
+            except OSError as e:
+                log.warning("cannot lock %s (%s): concurrent runs in it are not prevented", path, e)
+                file.close()
+            else:
+                file.seek(0)
+                file.truncate()
+                file.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+                file.flush()
+                self._lock_file = file
+        if self.topology.any(holder is not None):
+            raise ConfigError(
+                f"another run is using trainer.out_dir={self.dir.parent} ({holder or 'see rank 0'}); "
+                "wait for it to end, stop it, or choose another trainer.out_dir"
+            )
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            self._lock_file = None
 
     def set_aside_later_than(self, step: int) -> None:
         """Rank 0: a run resumed from an earlier checkpoint of its own continues from there; the

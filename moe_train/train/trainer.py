@@ -128,6 +128,13 @@ class Trainer:
     def fit(self, callbacks: list[Callback] | None = None) -> None:
         """Resume if asked, then train to trainer.max_steps (or an early exit). `callbacks`
         replaces the default list (moe_train.train.callbacks.default_callbacks)."""
+        self.checkpointer.lock()  # before anything in trainer.out_dir is touched
+        try:
+            self._fit(callbacks)
+        finally:
+            self.checkpointer.unlock()
+
+    def _fit(self, callbacks: list[Callback] | None) -> None:
         self.resume()
         t = self.config.trainer
         if self.config.optim.warmup_steps >= t.max_steps:

@@ -86,6 +86,25 @@ def test_resume_from_an_earlier_checkpoint_of_the_run_sets_the_later_ones_aside(
     assert load_config(ckpts / "step_00000008").optim.lr == 1e-3
 
 
+def test_a_second_run_in_the_same_directory_is_refused_while_the_first_holds_it(tmp_path, tiny_overrides):
+    import fcntl
+
+    overrides = [*tiny_overrides, "trainer.max_steps=1", "trainer.eval_every=0"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with (run_dir / ".lock").open("a+") as other:  # as another process's run holds it
+        other.write("node7 pid 4242\n")
+        other.flush()
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(
+            ConfigError, match=r"another run is using trainer.out_dir=.*run \(node7 pid 4242\)"
+        ):
+            train(overrides)
+    assert not (run_dir / "checkpoints").exists()  # nothing touched
+    assert [m["step"] for m in train(overrides)] == [1]  # once it is gone (the kernel frees a dead one's)
+    assert [m["step"] for m in train([*overrides, "trainer.max_steps=2"])] == [1, 2]  # released at the end
+
+
 def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path, tiny_overrides):
     overrides = [*tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=0"]
     train([*overrides, "trainer.exit_after_steps=2"])
