@@ -41,7 +41,8 @@ class HFTokenizer:
 
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"tokenizer {path} does not exist (expected a Hugging Face tokenizer.json)")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise ConfigError(f"tokenizer {path} {what} (expected a Hugging Face tokenizer.json)")
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises its own exception types

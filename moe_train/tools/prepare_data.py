@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from moe_train.config import ConfigError
 from moe_train.data.prepare import prepare
@@ -42,6 +43,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     args = parser.parse_args(argv)
     with one_line_errors():
+        if args.output.endswith(("/", "\\")) or Path(args.output).is_dir():
+            raise ConfigError(
+                f"--output={args.output} is a folder; give a prefix inside it, "
+                f"e.g. {Path(args.output) / 'corpus'}"
+            )
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers={args.workers} must be >= 1")
         if not args.bpe_sample_mb > 0:

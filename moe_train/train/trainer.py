@@ -117,7 +117,15 @@ class Trainer:
             return
         path = latest if t.resume == "auto" else Path(t.resume)
         if path is not None:
-            self.progress = self.checkpointer.load(path, self.engine)
+            try:
+                self.progress = self.checkpointer.load(path, self.engine)
+            except ConfigError as e:
+                older = [p for p in self.checkpointer.complete() if p != path]
+                if t.resume != "auto" or not older:
+                    raise
+                raise ConfigError(
+                    f"{e}; an older checkpoint may be intact: trainer.resume={older[-1]}"
+                ) from e.__cause__
             log.info("resumed from %s at step %d", path, self.progress.step)
             if path.resolve().parent == self.checkpointer.dir.resolve():
                 self.checkpointer.set_aside_later_than(self.progress.step)

@@ -195,6 +195,19 @@ def test_data_prepared_with_another_tokenizer_is_refused_at_its_first_batch(corp
         train.samples(0, 64)
 
 
+def test_an_output_prefix_that_is_a_folder_is_refused(tmp_path, capsys):
+    from moe_train.tools.prepare_data import main
+
+    source = jsonl(tmp_path / "src.jsonl", documents(3, "x"))
+    (tmp_path / "data").mkdir()
+    for output in (f"{tmp_path / 'data'}", f"{tmp_path / 'new'}/"):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(source), "--output", output, "--vocab-size", "300"])
+        assert exit_.value.code == 2
+        assert "is a folder; give a prefix inside it" in capsys.readouterr().err
+    assert list((tmp_path / "data").iterdir()) == []
+
+
 def test_weights_must_match_prefixes():
     with pytest.raises(ConfigError, match="data.weights has 1 entries but data.prefixes has 2"):
         compose_config(["data=indexed", "data.prefixes=[a,b]", "data.weights=[1.0]"])

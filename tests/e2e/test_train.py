@@ -105,6 +105,20 @@ def test_a_second_run_in_the_same_directory_is_refused_while_the_first_holds_it(
     assert [m["step"] for m in train([*overrides, "trainer.max_steps=2"])] == [1, 2]  # released at the end
 
 
+def test_a_damaged_newest_checkpoint_names_the_older_one_to_resume_from(tmp_path, tiny_overrides):
+    overrides = [*tiny_overrides, "trainer.max_steps=2", "trainer.ckpt_every=1", "trainer.eval_every=0"]
+    train(overrides)
+    ckpts = tmp_path / "run" / "checkpoints"
+    shard = next((ckpts / "step_00000002").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    longer = [*overrides, "trainer.max_steps=3"]
+    with pytest.raises(
+        ConfigError, match=r"ends too early.*older checkpoint may be intact: trainer.resume=.*step_00000001$"
+    ):
+        train(longer)
+    assert [m["step"] for m in train([*longer, f"trainer.resume={ckpts / 'step_00000001'}"])] == [1, 2, 3]
+
+
 def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path, tiny_overrides):
     overrides = [*tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=0"]
     train([*overrides, "trainer.exit_after_steps=2"])
