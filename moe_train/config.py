@@ -137,6 +137,35 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    type: str = "none"
+    """`none`, or `llama3`: Llama 3.1's frequency-dependent scaling of the rotary frequencies
+    (wavelengths above original_max_seq_len / low_freq_factor are divided by factor, those below
+    original_max_seq_len / high_freq_factor kept, the ones between interpolated), which imported
+    Llama 3.x models need."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+    """The context length the frequencies were first trained for."""
+
+    def __post_init__(self) -> None:
+        _one_of("model.rope_scaling.type", self.type, ("none", "llama3"))
+        if self.type == "none":
+            return
+        _check(self.factor >= 1, f"model.rope_scaling.factor={self.factor} must be >= 1")
+        _check(
+            0 < self.low_freq_factor < self.high_freq_factor,
+            f"model.rope_scaling.low_freq_factor={self.low_freq_factor} must be > 0 and below "
+            f"model.rope_scaling.high_freq_factor={self.high_freq_factor}",
+        )
+        _check(
+            self.original_max_seq_len > 0,
+            f"model.rope_scaling.original_max_seq_len={self.original_max_seq_len} must be > 0",
+        )
+
+
+@dataclass
 class MLAConfig:
     kv_lora_rank: int = 0
     """Multi-head latent attention (DeepSeek-V2/V3) when > 0: keys and values are projected up from
@@ -192,6 +221,8 @@ class ModelConfig:
     """Longest sequence the rotary tables are built for."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """Scaling of the rotary frequencies (off by default)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     tie_embeddings: bool = False

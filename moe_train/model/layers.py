@@ -6,19 +6,38 @@ Shape legend: B batch, T sequence, D model dim, H query heads, K key/value heads
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_train.config import ModelConfig
+from moe_train.config import ModelConfig, RopeScalingConfig
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    head_dim: int, max_seq_len: int, theta: float, scaling: RopeScalingConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (max_seq_len, head_dim), in the rotate-half layout of HF Llama."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None and scaling.type == "llama3":
+        inv_freq = _llama3_scaled(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, Dh)
     return angles.cos(), angles.sin()
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor:
+    """Llama 3.1's scaling: long wavelengths divided by the factor, short ones kept, a smooth
+    interpolation between (as Meta's reference code and transformers' llama3 rope type)."""
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_freq_wavelen = s.original_max_seq_len / s.high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

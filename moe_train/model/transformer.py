@@ -81,7 +81,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rotary_tables(config.rope_dim, config.max_seq_len, config.rope_theta)
+        cos, sin = rotary_tables(config.rope_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
@@ -108,7 +108,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_rope(self) -> None:
         """Fill the rotary tables (after to_empty(), say, since they are not in the state dict)."""
-        cos, sin = rotary_tables(self.config.rope_dim, self.config.max_seq_len, self.config.rope_theta)
+        cos, sin = rotary_tables(
+            self.config.rope_dim, self.config.max_seq_len, self.config.rope_theta, self.config.rope_scaling
+        )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

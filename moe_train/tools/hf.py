@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from moe_train.config import ConfigError, MLAConfig, ModelConfig, MoEConfig
+from moe_train.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScalingConfig
 
 # per layer: (our name, HF name)
 _NORMS = [
@@ -197,6 +197,38 @@ def _layout(config: ModelConfig, arch: str) -> _Layout:
     return layout
 
 
+def _rope_parameters(config: ModelConfig) -> dict:
+    scaling = config.rope_scaling
+    if scaling.type == "none":
+        return {"rope_type": "default", "rope_theta": config.rope_theta}
+    return {
+        "rope_type": scaling.type,
+        "rope_theta": config.rope_theta,
+        "factor": scaling.factor,
+        "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor,
+        "original_max_position_embeddings": scaling.original_max_seq_len,
+    }
+
+
+def _rope_scaling(rope: dict) -> RopeScalingConfig:
+    """Our rope scaling for a config.json's rope_parameters (or older rope_scaling)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return RopeScalingConfig()
+    if rope_type != "llama3":
+        raise ConfigError(
+            f"rope type {rope_type!r} is not supported (plain rotary embeddings, or Llama 3's llama3)"
+        )
+    return RopeScalingConfig(
+        type="llama3",
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_seq_len=int(rope["original_max_position_embeddings"]),
+    )
+
+
 def hf_config(config: ModelConfig):
     """The transformers config object for `config`."""
     from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
@@ -209,7 +241,7 @@ def hf_config(config: ModelConfig):
         num_key_value_heads=config.num_kv_heads,
         max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_parameters=_rope_parameters(config),
         tie_word_embeddings=config.tie_embeddings,
         hidden_act="silu",
         torch_dtype="float32",
@@ -457,9 +489,7 @@ def _from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
     if model_type not in supported:
         raise ConfigError(f"model_type {model_type!r} is not supported; import takes {', '.join(supported)}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"rope type {rope_type!r} is not supported (only plain rotary embeddings)")
+    rope_scaling = _rope_scaling(rope)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
     if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("qkv_bias"):
@@ -512,6 +542,7 @@ def _from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
         ffn_hidden_dim=hf["intermediate_size"],
         max_seq_len=max_len,
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=rope_scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe=moe,

@@ -3,8 +3,9 @@
     python -m moe_train.tools.import_hf HF_DIR OUT_DIR
     python train.py trainer.init_from=OUT_DIR data=indexed ...     # continue pretraining from it
 
-Reads config.json and safetensors weights (sharded or not); nothing is downloaded. OUT_DIR is a
-weights-only checkpoint whose config.yaml carries the architecture; `trainer.init_from` starts a run
+Reads config.json and safetensors weights (sharded or not); nothing is downloaded. Llama 3.x's
+rope scaling is kept (model.rope_scaling), so a Llama 3 imported here can be upcycled into an MoE.
+OUT_DIR is a weights-only checkpoint whose config.yaml carries the architecture; `trainer.init_from` starts a run
 from it with a fresh optimizer. Mistral's sliding window becomes model.max_seq_len (full causal
 attention equals sliding-window attention up to the window). A DeepSeek-V3 model comes with V3's
 training-time balancing (the routing bias moved by 0.001 per step, a sequence-wise aux loss of

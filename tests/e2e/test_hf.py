@@ -117,6 +117,29 @@ def test_import_a_transformers_mistral_and_train_from_it(tmp_path):
     trained(tmp_path, f"trainer.init_from={out}")
 
 
+def test_a_llama3_with_scaled_rotary_frequencies_imports_exports_and_trains(tmp_path):
+    """Llama 3.1's rope scaling (what Llama 3.x checkpoints carry): imported, the same logits as
+    transformers at positions well past the original context; exported back, the same config."""
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_parameters=rope,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    llama = transformers.AutoModelForCausalLM.from_config(config)
+    llama.save_pretrained(tmp_path / "llama3")
+    out = import_folder(tmp_path / "llama3", tmp_path / "ours")
+    model_config, ours = load_model(out)
+    assert model_config.model.rope_scaling.type == "llama3"
+    tokens = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(tokens).logits - llama(tokens).logits).abs().max() < 1e-4
+    back = export(out, tmp_path / "hf")
+    assert transformers.AutoConfig.from_pretrained(back).rope_parameters == rope
+    trained(tmp_path, f"trainer.init_from={out}", "model.num_kv_heads=2", "data.seq_len=32")
+
+
 def test_shared_experts_round_trip_through_qwen2_moe_and_gated_ones_are_refused(tmp_path):
     run_dir = trained(tmp_path, "model=deepseekmoe_tiny")
     out = export(run_dir, tmp_path / "hf")

@@ -12,6 +12,7 @@ from moe_train.config import (
     MoEConfig,
     OptimConfig,
     ParallelConfig,
+    RopeScalingConfig,
     TrainerConfig,
 )
 from moe_train.tools.hydra_config import compose_config
@@ -82,6 +83,14 @@ from moe_train.tools.hydra_config import compose_config
             "model.mla.qk_rope_head_dim=7 must be even and > 0",
         ),
         (lambda: MLAConfig(kv_lora_rank=-1), "model.mla.kv_lora_rank=-1 must be >= 0"),
+        (
+            lambda: RopeScalingConfig(type="yarn"),
+            "model.rope_scaling.type='yarn' is not allowed; choose one of none, llama3",
+        ),
+        (
+            lambda: RopeScalingConfig(type="llama3", low_freq_factor=4.0, high_freq_factor=1.0),
+            "model.rope_scaling.low_freq_factor=4.0 must be > 0 and below",
+        ),
         (lambda: MLAConfig(kv_lora_rank=64, v_head_dim=0), "model.mla.v_head_dim=0 must be > 0"),
         (lambda: MLAConfig(kv_lora_rank=64, q_lora_rank=-2), "model.mla.q_lora_rank=-2 must be >= 0"),
         (

@@ -113,6 +113,24 @@ def test_mla_model_counts_by_hand():
     assert model.rope_cos.shape == (config.max_seq_len, 8)
 
 
+def test_llama3_rope_scaling_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from moe_train.config import RopeScalingConfig
+
+    scaling = RopeScalingConfig(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                original_max_seq_len=64)  # fmt: skip
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    hf = LlamaRotaryEmbedding(LlamaConfig(hidden_size=512, num_attention_heads=4, rope_parameters=rope))
+    cos, sin = hf(torch.zeros(1), torch.arange(1024)[None])
+    ours = rotary_tables(128, 1024, 5e5, scaling)
+    torch.testing.assert_close(ours, (cos[0], sin[0]), rtol=1e-5, atol=1e-5)
+    plain = rotary_tables(128, 1024, 5e5)
+    assert not torch.allclose(ours[0], plain[0])  # the scaling changes the long wavelengths
+
+
 def test_rotary_preserves_norm_and_relative_position():
     cos, sin = rotary_tables(16, 64, 10000.0)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
