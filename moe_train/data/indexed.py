@@ -48,8 +48,8 @@ def _process_group():
         dist.destroy_process_group()
 
 
-def check_prefix(prefix: str | Path) -> int:
-    """PREFIX.bin and PREFIX.idx exist and agree on the number of tokens; returns that number."""
+def check_prefix(prefix: str | Path) -> tuple[int, int]:
+    """PREFIX.bin and PREFIX.idx exist and agree on the number of tokens; returns (tokens, documents)."""
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     for path in (bin_path, idx_path):
         if not path.is_file():
@@ -68,18 +68,17 @@ def check_prefix(prefix: str | Path) -> int:
             f"{bin_path} ({actual:,} bytes) does not match {idx_path} (which describes {expected:,} bytes); "
             "prepare the corpus again"
         )
-    return int(index.sequence_lengths.sum())
+    return int(index.sequence_lengths.sum()), len(index.sequence_lengths)
 
 
-def _validation_documents(prefix: str | Path, split: str) -> tuple[int, int]:
-    """(validation documents, documents) of the prefix under megatron's split (its rule: split
-    point k of n documents at round(cumulative weight k x n)). Checked before megatron builds
-    anything, since with none it would loop forever looking for validation tokens."""
-    index = megatron_datasets().indexed_dataset._IndexReader(f"{prefix}.idx", multimodal=False)
-    n = len(index.sequence_lengths)
+def _validation_documents(documents: int, split: str) -> int:
+    """How many of a corpus's documents megatron's split gives to validation (its rule: split point
+    k of n documents at round(cumulative weight k x n)). Checked before megatron builds anything,
+    since with none it would loop forever looking for validation tokens."""
+    n = documents
     weights = [float(w) for w in split.split(",")]
     train_end, val_end = (sum(weights[: i + 1]) / sum(weights) for i in (0, 1))
-    return round(val_end * n) - round(train_end * n), n
+    return round(val_end * n) - round(train_end * n)
 
 
 class _TokenizerInfo:
@@ -134,17 +133,16 @@ def build_gpt_datasets(
     cache_dir: Path,
 ) -> tuple[GPTSamples, GPTSamples]:
     """Train and validation samples of the blend; every prefix is checked first."""
-    tokens = [check_prefix(prefix) for prefix in prefixes]
-    for prefix in prefixes:
-        validation, documents = _validation_documents(prefix, split)
-        if validation == 0:
+    tokens, documents = zip(*(check_prefix(prefix) for prefix in prefixes))
+    for prefix, count in zip(prefixes, documents):
+        if _validation_documents(count, split) == 0:
             raise ConfigError(
                 f"data.split={split!r} leaves no validation documents in {prefix} (a corpus of "
-                f"{documents} documents): give validation a larger share, e.g. data.split='80,20,0'"
+                f"{count} documents): give validation a larger share, e.g. data.split='80,20,0'"
             )
     # Without weights megatron would concatenate one epoch of each corpus whatever size we ask for;
     # weights in proportion to the corpora's tokens sample the same mix for as long as we ask.
-    weights = list(weights) if weights else tokens
+    weights = list(weights or tokens)
     datasets = megatron_datasets()
     config = datasets.gpt_dataset.GPTDatasetConfig(
         random_seed=seed,

@@ -145,7 +145,8 @@ def build_datasets(config: Config, topology: Topology) -> Datasets:
     else:
         prefixes, weights = data.prefixes, data.weights
         for prefix in prefixes:  # a missing corpus is the mistake to name, not its tokenizer
-            check_prefix(prefix)
+            if not (Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()):
+                check_prefix(prefix)  # raises, naming the missing file
         tokenizer_path = _indexed_tokenizer(data)
     tokenizer = HFTokenizer(tokenizer_path)
     train, val = build_gpt_datasets(

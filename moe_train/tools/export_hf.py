@@ -39,14 +39,15 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists():
         raise ConfigError(f"{out_dir} already exists; choose another output folder")
     config, model = load_model(checkpoint)
-    hf_config = hf.hf_config(config.model)  # refuses what transformers cannot compute exactly
-    tensors = hf.to_hf(config.model, model.state_dict())
+    tensors = hf.to_hf(config.model, model.state_dict())  # refuses what transformers cannot compute exactly
+    hf_config = hf.hf_config(config.model)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tokenizer = tokenizer_file(config.data)
+    path = tokenizer_file(config.data)
+    tokenizer = HFTokenizer(path) if path is not None else None
     if tokenizer is not None:
-        eos_id = HFTokenizer(tokenizer).eos_id
+        eos_id = tokenizer.eos_id
     elif config.data.name == "stdlib_bytes":
         eos_id = ByteTokenizer().eos_id
     else:
@@ -67,12 +68,12 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if tokenizer is not None:
-            shutil.copy(tokenizer, tmp / "tokenizer.json")
+            shutil.copy(tokenizer.path, tmp / "tokenizer.json")
             (tmp / "tokenizer_config.json").write_text(
                 json.dumps(
                     {
                         "tokenizer_class": "PreTrainedTokenizerFast",
-                        "eos_token": HFTokenizer(tokenizer).eos_token,
+                        "eos_token": tokenizer.eos_token,
                         "model_max_length": config.model.max_seq_len,
                     },
                     indent=2,

@@ -247,7 +247,6 @@ def hf_config(config: ModelConfig):
         torch_dtype="float32",
     )
     arch, moe = architecture(config), config.moe
-    check_expressible(config, arch)
     if arch in _DEEPSEEK:
         return _deepseek_config(config, arch, common)
     if arch == "llama":

@@ -7,9 +7,10 @@ Reads config.json and safetensors weights (sharded or not); nothing is downloade
 rope scaling is kept (model.rope_scaling), so a Llama 3 imported here can be upcycled into an MoE.
 OUT_DIR is a weights-only checkpoint whose config.yaml carries the architecture;
 `trainer.init_from` starts a run from it with a fresh optimizer. Mistral's sliding window becomes
-model.max_seq_len (full causal attention equals sliding-window attention up to the window). A DeepSeek-V3 model comes with V3's
-training-time balancing (the routing bias moved by 0.001 per step, a sequence-wise aux loss of
-0.0001); change them with model.moe.* overrides beside trainer.init_from.
+model.max_seq_len (full causal attention equals sliding-window attention up to the window). A
+DeepSeek-V3 model comes with V3's training-time balancing (the routing bias moved by 0.001 per
+step, a sequence-wise aux loss of 0.0001); change them with model.moe.* overrides beside
+trainer.init_from.
 """
 
 from __future__ import annotations

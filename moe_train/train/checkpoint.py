@@ -135,8 +135,9 @@ def dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
     that does not fit this model becomes one line naming the first mismatch."""
     distributed = topology is not None and topology.distributed
     try:
-        _refuse_weights_model_lacks(path, state)
-        absent = _routing_biases_absent_from(path, state)
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        _refuse_weights_model_lacks(stored, state)
+        absent = _routing_biases_absent_from(stored, state)
         if topology is not None:
             state = expert_shards_to_dtensors(state, topology)
         dcp.load(state, checkpoint_id=path, no_dist=not distributed)
@@ -148,11 +149,11 @@ def dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
     return state
 
 
-def _refuse_weights_model_lacks(path: Path, state: dict) -> None:
+def _refuse_weights_model_lacks(stored: dict, state: dict) -> None:
     """DCP loads the keys the model asks for and ignores the rest: a checkpoint of a deeper model,
-    say, would load into a shallower one without a word. Refuse that."""
+    say, would load into a shallower one without a word. Refuse that. `stored`: the checkpoint's
+    keys (its metadata)."""
     ours = {f"model.{k}" for k in state.get("model", {})}
-    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     extra = sorted(k for k in stored if k.startswith("model.") and k not in ours)
     if extra:
         raise ConfigError(
@@ -161,15 +162,12 @@ def _refuse_weights_model_lacks(path: Path, state: dict) -> None:
         )
 
 
-def _routing_biases_absent_from(path: Path, state: dict) -> dict:
+def _routing_biases_absent_from(stored: dict, state: dict) -> dict:
     """Takes out of state["model"], and returns, the routing biases (auxiliary-loss-free balancing)
     that the checkpoint lacks, e.g. one written before the run turned the balancing on: they are
     not loaded and keep their starting zeros."""
     model = state.get("model", {})
     keys = [k for k in model if k.endswith("router.expert_bias")]
-    if not keys:
-        return {}
-    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     return {k: model.pop(k) for k in keys if f"model.{k}" not in stored}
 
 
