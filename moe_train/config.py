@@ -202,6 +202,26 @@ class MLAConfig:
 
 
 @dataclass
+class MTPConfig:
+    num_layers: int = 0
+    """Multi-token prediction depths (DeepSeek-V3: 1). Depth k adds a module that predicts token
+    i + k + 1 at position i: it projects [RMSNorm(embedding of token i + k); RMSNorm(depth k-1's
+    hidden state at i)] back to model.dim and runs one more transformer block (an MoE one where the
+    MoE layer pattern puts one), then the shared output head. Training only: evaluation, generation
+    and the exported model's logits are the main model's. 0: off."""
+    loss_coef: float = 0.3
+    """Weight of the mean of the depths' cross-entropies in the training loss (DeepSeek-V3: 0.3
+    for its first 10T tokens, then 0.1)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_layers >= 0, f"model.mtp.num_layers={self.num_layers} must be >= 0")
+        _check(
+            self.loss_coef >= 0 and math.isfinite(self.loss_coef),
+            f"model.mtp.loss_coef={self.loss_coef} must be a number >= 0",
+        )
+
+
+@dataclass
 class ModelConfig:
     name: str = "model"
     """Preset name; names the run directory by default."""
@@ -233,6 +253,8 @@ class ModelConfig:
     """Mixture-of-Experts settings."""
     mla: MLAConfig = field(default_factory=MLAConfig)
     """Multi-head latent attention settings (off by default: grouped-query attention)."""
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    """Multi-token prediction (off by default)."""
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -563,6 +585,11 @@ class Config:
         _check(
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}",
+        )
+        _check(
+            self.data.seq_len > self.model.mtp.num_layers,
+            f"data.seq_len={self.data.seq_len} leaves no position for multi-token prediction depth "
+            f"{self.model.mtp.num_layers} (model.mtp.num_layers must be below data.seq_len)",
         )
         moe = self.model.moe
         if moe.num_experts:

@@ -59,6 +59,29 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), None
 
 
+class MTPDepth(nn.Module):
+    """One multi-token prediction depth (DeepSeek-V3, Liu et al. 2024, sec. 2.2): from the previous
+    depth's normalised hidden state at position i and the embedding of the token k positions
+    ahead, one transformer block predicts the token after that through the shared output head.
+    Names and the [embedding; hidden] order are DeepSeek-V3's checkpoint's (and Megatron-Core's)."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.enorm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.hnorm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.eh_proj = nn.Linear(2 * config.dim, config.dim, bias=False)
+        self.block = Block(config, layer_id)
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+
+    def forward(
+        self, hidden: torch.Tensor, embedded: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        """hidden, embedded (B, n, D) -> this depth's normalised hidden state (B, n, D), stats."""
+        x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))
+        x, stats = self.block(x, cos, sin)
+        return self.norm(x), stats
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
@@ -67,6 +90,15 @@ class ModelOutput:
     z_loss: torch.Tensor  # scalar, mean over MoE layers
     tokens_per_expert: torch.Tensor | None  # (L, E) routed assignments per MoE layer, detached
     dropped: torch.Tensor | None  # (L,) assignments dropped by capacity limits per MoE layer
+    mtp_loss: torch.Tensor  # scalar, mean cross-entropy over the MTP depths (0 without targets)
+
+
+def block_prefixes(config: ModelConfig) -> list[str]:
+    """State-dict prefixes of every transformer block: the layers', then each MTP depth's (whose
+    layer id continues the layers': depth k's is num_layers + k - 1)."""
+    return [f"layers.{i}." for i in range(config.num_layers)] + [
+        f"mtp.{k}.block." for k in range(config.mtp.num_layers)
+    ]
 
 
 class Transformer(nn.Module):
@@ -81,6 +113,10 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # after the layers: modules() and the router statistics list MTP's MoE layers last
+        self.mtp = nn.ModuleList(
+            MTPDepth(config, config.num_layers + k) for k in range(config.mtp.num_layers)
+        )
         cos, sin = rotary_tables(config.rope_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -88,8 +124,15 @@ class Transformer(nn.Module):
         self.init_weights()
 
     @property
+    def blocks(self) -> list[Block]:
+        """Every transformer block: the layers', then each MTP depth's."""
+        return [*self.layers, *(depth.block for depth in self.mtp)]
+
+    @property
     def moe_layer_ids(self) -> list[int]:
-        return [i for i, block in enumerate(self.layers) if block.is_moe]
+        """Layer ids of the MoE blocks, in the order of the router statistics (MTP depth k's block
+        is layer num_layers + k - 1)."""
+        return [i for i, block in enumerate(self.blocks) if block.is_moe]
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -114,23 +157,39 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
-        """tokens (B, T) int64 -> ModelOutput."""
+    def _run(self, module: nn.Module, *args):
+        if self.activation_checkpointing and self.training:
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """tokens (B, T) int64 -> ModelOutput. `targets` (B, T), the next tokens, are needed only
+        by multi-token prediction: without them (evaluation, generation) it is skipped."""
         T = tokens.shape[1]
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, Dh)
         x = self.tok_embeddings(tokens)  # (B, T, D)
         all_stats: list[MoEStats] = []
         for block in self.layers:
-            if self.activation_checkpointing and self.training:
-                x, stats = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x, stats = block(x, cos, sin)
+            x, stats = self._run(block, x, cos, sin)
             if stats is not None:
                 all_stats.append(stats)
-        logits = self.output(self.norm(x))  # (B, T, V)
+        hidden = self.norm(x)
+        logits = self.output(hidden)  # (B, T, V)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        mtp_losses = []
+        if targets is not None:
+            # depth k at position i sees token i + k (targets[i + k - 1]) and predicts token
+            # i + k + 1 (targets[i + k]): the last k positions have nothing to predict
+            for k, depth in enumerate(self.mtp, start=1):
+                n = T - k
+                embedded = self.tok_embeddings(targets[:, k - 1 : k - 1 + n])
+                hidden, stats = self._run(depth, hidden[:, :n], embedded, cos[:n], sin[:n])
+                if stats is not None:
+                    all_stats.append(stats)
+                mtp_losses.append(lm_loss(self.output(hidden), targets[:, k:]))
+        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else zero
         if not all_stats:
-            zero = logits.new_zeros((), dtype=torch.float32)
-            return ModelOutput(logits, zero, zero, zero, None, None)
+            return ModelOutput(logits, zero, zero, zero, None, None, mtp_loss)
         return ModelOutput(
             logits,
             aux_loss=torch.stack([s.aux_loss for s in all_stats]).mean(),
@@ -138,6 +197,7 @@ class Transformer(nn.Module):
             z_loss=torch.stack([s.z_loss for s in all_stats]).mean(),
             tokens_per_expert=torch.stack([s.tokens_per_expert for s in all_stats]),
             dropped=torch.tensor([s.dropped for s in all_stats], dtype=torch.float32),
+            mtp_loss=mtp_loss,
         )
 
 
@@ -148,10 +208,12 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ModelSize:
-    total_params: int
-    active_params: int  # parameters one token passes through (embeddings included)
+    total_params: int  # the MTP modules' included
+    active_params: int  # parameters one token passes through (embeddings and MTP included)
     active_matmul_params: int  # active parameters used in matrix products (no embedding lookup, norms)
     flops_per_token: int  # training FLOPs per token: 6 * active_matmul_params + attention
+    mtp_params: int  # the multi-token prediction modules' own (the embedding and head are shared)
+    mtp_active_params: int  # of those, the ones a token passes through
 
 
 def model_size(model: Transformer, seq_len: int) -> ModelSize:
@@ -160,21 +222,27 @@ def model_size(model: Transformer, seq_len: int) -> ModelSize:
     FLOPs follow the PaLM convention (Chowdhery et al. 2022, app. B): 6 per matmul parameter per
     token for forward and backward, plus 12 * layers * dim_attention * seq_len for attention scores
     and values (no discount for the causal mask); with MLA's unequal head sizes that term is
-    6 * layers * heads * (query/key head size + value head size) * seq_len.
+    6 * layers * heads * (query/key head size + value head size) * seq_len. Multi-token prediction
+    counts its modules' parameters, the output head once more per depth, and each depth's block as
+    one more layer at the full seq_len (it runs on seq_len - k positions).
     """
     config = model.config
-    total = active = 0
+    total = active = mtp = mtp_active = 0
     for name, p in model.named_parameters():  # tied weights are yielded once
         n = p.numel()
         total += n
+        mtp += n if name.startswith("mtp.") else 0
         if ".experts." in name:
             n = n * config.moe.top_k // config.moe.num_experts
         active += n
+        mtp_active += n if name.startswith("mtp.") else 0
     matmul = active - sum(
         p.numel() for name, p in model.named_parameters() if p.ndim == 1 or "tok_embeddings" in name
     )
     if config.tie_embeddings:  # the shared matrix is the output projection's matmul
         matmul += model.output.weight.numel()
+    depths = config.mtp.num_layers
+    matmul += depths * model.output.weight.numel()  # the shared head, once per depth
     qk_dim, v_dim = config.attention_head_dims
-    attention = 6 * config.num_layers * config.num_heads * (qk_dim + v_dim) * seq_len
-    return ModelSize(total, active, matmul, 6 * matmul + attention)
+    attention = 6 * (config.num_layers + depths) * config.num_heads * (qk_dim + v_dim) * seq_len
+    return ModelSize(total, active, matmul, 6 * matmul + attention, mtp, mtp_active)

@@ -5,7 +5,8 @@
 
 Two copies of the model: the first loses its last m layers, the second its first m, and they are
 stacked into 2 (n - m) layers (SOLAR: n = 32, m = 8 gives 48). Dense and MoE checkpoints alike; an
-MoE model's dense/MoE layer pattern must come out the same as its config would place it.
+MoE model's dense/MoE layer pattern must come out the same as its config would place it. Multi-token
+prediction modules, which follow the last layer, are kept as they are.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def depth_upscale(checkpoint: str, out_dir: str, drop: int | None = None):
     # a name of its own: runs default to runs/<model name>, where the source run's checkpoints are
     name = f"{config.model.name}_{len(sources)}l"
     new_model_config = dataclasses.replace(config.model, name=name, num_layers=len(sources))
-    for i, j in enumerate(sources):
+    depths = range(config.model.mtp.num_layers)  # multi-token prediction's blocks come after the layers
+    pairs = [*enumerate(sources), *((len(sources) + k, n + k) for k in depths)]
+    for i, j in pairs:
         if new_model_config.is_moe_layer(i) != config.model.is_moe_layer(j):
             raise ConfigError(
                 f"layer {j} would become layer {i}, where the MoE layer pattern (first_k_dense, "

@@ -4,7 +4,8 @@
 
 Dense models become Llama, MoE models Mixtral, or Qwen2-MoE where Mixtral cannot express them
 (shared experts, unrenormalised top-k, dense layers); models with multi-head latent attention
-DeepSeek-V3 (sigmoid routing) or DeepSeek-V2 (softmax). See moe_train/tools/hf.py. The folder loads with
+DeepSeek-V3 (sigmoid routing, with any multi-token prediction modules) or DeepSeek-V2 (softmax). See
+moe_train/tools/hf.py. The folder loads with
 `AutoModelForCausalLM.from_pretrained(OUT_DIR)` and gives our logits. It is written aside and
 renamed, so an interrupted export leaves no folder that looks complete. A capacity factor used in
 training is a training-time token budget: the exported model routes dropless.
@@ -40,6 +41,13 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise ConfigError(f"{out_dir} already exists; choose another output folder")
     config, model = load_model(checkpoint)
     tensors = hf.to_hf(config.model, model.state_dict())  # refuses what transformers cannot compute exactly
+    arch = hf.architecture(config.model)
+    if config.model.mtp.num_layers and arch != "deepseek_v3":
+        log.warning(
+            "%s has no place for multi-token prediction modules: exported without them "
+            "(the model's own logits do not use them)",
+            arch,
+        )
     hf_config = hf.hf_config(config.model)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,9 @@ With multi-head latent attention (model.mla):
   DeepSeek's checkpoints lay each rotary part out in interleaved pairs (x0, x1), (x2, x3)...
   where ours is rotate-half (x0, x_d/2)...: the rotary rows of the query and of the shared key
   are permuted on the way out and back (the attention scores do not change).
+  Multi-token prediction modules (model.mtp) go where DeepSeek-V3's checkpoint has its own: the
+  layers after the last, each with copies of the embedding and output head (transformers skips
+  them; vLLM and SGLang use them to draft tokens). No other architecture has a place for them.
 Importing a Qwen2-MoE checkpoint back requires its shared-expert gates to be still zero.
 
 Keys on disk are the Hub's usual per-expert ones, which transformers 5 also writes with
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from moe_train.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeScalingConfig
+from moe_train.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, MTPConfig, RopeScalingConfig
 
 # per layer: (our name, HF name)
 _NORMS = [
@@ -54,6 +57,12 @@ _MLA = [  # the rotary rows of wq / wq_b and wkv_a are permuted (_Layout.interle
     ("attention.kv_norm.weight", "self_attn.kv_a_layernorm.weight"),
     ("attention.wkv_b.weight", "self_attn.kv_b_proj.weight"),
     ("attention.wo.weight", "self_attn.o_proj.weight"),
+]
+_MTP = [  # a multi-token prediction depth's own weights (DeepSeek-V3's names)
+    ("enorm.weight", "enorm.weight"),
+    ("hnorm.weight", "hnorm.weight"),
+    ("eh_proj.weight", "eh_proj.weight"),
+    ("norm.weight", "shared_head.norm.weight"),
 ]
 _DENSE_FFN = [
     ("ffn.w1.weight", "mlp.gate_proj.weight"),
@@ -95,6 +104,7 @@ class _Layout:
     zero: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # HF-only tensors fixed at 0
     # MLA rows in DeepSeek's order: theirs = ours[rows], ours = theirs[rows.argsort()]
     interleaved: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
+    copies: list[tuple[str, str]] = field(default_factory=list)  # written out again, not read back
 
 
 def _interleaved_rows(num_rows: int, starts: range, rope_dim: int) -> torch.Tensor:
@@ -140,61 +150,75 @@ def _layout(config: ModelConfig, arch: str) -> _Layout:
     )
     if not config.tie_embeddings:
         layout.plain.append(("output.weight", "lm_head.weight"))
-    shared_hidden = config.moe.num_shared_experts * config.expert_hidden_dim
     for i in range(config.num_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        layout.plain += [(ours + a, theirs + b) for a, b in _NORMS]
-        if config.mla.enabled:
-            mla = _mla_layout(config, ours, theirs)
-            layout.plain += mla.plain
-            layout.interleaved += mla.interleaved
-        else:
-            layout.plain += [(ours + a, theirs + b) for a, b in _ATTENTION]
-        if not config.is_moe_layer(i):
-            layout.plain += [(ours + a, theirs + b) for a, b in _DENSE_FFN]
-            continue
-        prefix, names = _EXPERT_NAMES[arch]
-        moe = theirs + prefix
-        layout.plain.append((ours + "ffn.router.gate.weight", moe + "gate.weight"))
-        for stacked, parts in (("w13", ("w1", "w3")), ("w2", ("w2",))):
-            keys = [
-                [moe + f"experts.{e}.{names[part]}.weight" for e in range(config.moe.num_experts)]
-                for part in parts
-            ]
-            layout.experts.append((ours + f"ffn.experts.{stacked}", keys))
-        if arch in _DEEPSEEK:
-            shared = [
-                (ours + f"ffn.shared_experts.{a}.weight", moe + f"shared_experts.{b}.weight")
-                for a, b in names.items()
-            ]
-            if shared_hidden:
-                layout.plain += shared
-            else:  # no shared experts: a width-0 shared MLP adds exactly nothing
-                layout.zero += [(b, (config.dim, 0) if "down" in b else (0, config.dim)) for _, b in shared]
-            bias = moe + "gate.e_score_correction_bias"  # DeepSeek-V3's routing bias
-            if arch == "deepseek_v3" and config.moe.bias_update_rate > 0:
-                layout.plain.append((ours + "ffn.router.expert_bias", bias))
-            elif arch == "deepseek_v3":
-                layout.zero.append((bias, (config.moe.num_experts,)))
-            continue
-        if arch != "qwen2_moe":
-            continue
-        layout.zero.append((moe + "shared_expert_gate.weight", (1, config.dim)))
-        if shared_hidden:
-            layout.plain += [
-                (ours + "ffn.shared_experts.w1.weight", moe + "shared_expert.gate_proj.weight"),
-                (ours + "ffn.shared_experts.w3.weight", moe + "shared_expert.up_proj.weight"),
-            ]
-            layout.doubled.append(
-                (ours + "ffn.shared_experts.w2.weight", moe + "shared_expert.down_proj.weight")
-            )
-        else:  # Qwen2-MoE always has a shared expert: a width-0 one adds exactly nothing
-            layout.zero += [
-                (moe + "shared_expert.gate_proj.weight", (0, config.dim)),
-                (moe + "shared_expert.up_proj.weight", (0, config.dim)),
-                (moe + "shared_expert.down_proj.weight", (config.dim, 0)),
-            ]
+        _block_layout(layout, config, arch, i, f"layers.{i}.", f"model.layers.{i}.")
+    if arch != "deepseek_v3":
+        return layout
+    # DeepSeek-V3's multi-token prediction modules follow the layers, each with its own copy of the
+    # embedding and of the output head (which we share: written out, not read back)
+    for k in range(config.mtp.num_layers):
+        ours, theirs = f"mtp.{k}.", f"model.layers.{config.num_layers + k}."
+        _block_layout(layout, config, arch, config.num_layers + k, ours + "block.", theirs)
+        layout.plain += [(ours + a, theirs + b) for a, b in _MTP]
+        layout.copies += [
+            ("tok_embeddings.weight", theirs + "embed_tokens.weight"),
+            ("output.weight", theirs + "shared_head.head.weight"),
+        ]
     return layout
+
+
+def _block_layout(layout: _Layout, config: ModelConfig, arch: str, i: int, ours: str, theirs: str) -> None:
+    """Add transformer block `i` (our keys under `ours`, theirs under `theirs`) to `layout`."""
+    layout.plain += [(ours + a, theirs + b) for a, b in _NORMS]
+    if config.mla.enabled:
+        mla = _mla_layout(config, ours, theirs)
+        layout.plain += mla.plain
+        layout.interleaved += mla.interleaved
+    else:
+        layout.plain += [(ours + a, theirs + b) for a, b in _ATTENTION]
+    if not config.is_moe_layer(i):
+        layout.plain += [(ours + a, theirs + b) for a, b in _DENSE_FFN]
+        return
+    prefix, names = _EXPERT_NAMES[arch]
+    moe = theirs + prefix
+    layout.plain.append((ours + "ffn.router.gate.weight", moe + "gate.weight"))
+    for stacked, parts in (("w13", ("w1", "w3")), ("w2", ("w2",))):
+        keys = [
+            [moe + f"experts.{e}.{names[part]}.weight" for e in range(config.moe.num_experts)]
+            for part in parts
+        ]
+        layout.experts.append((ours + f"ffn.experts.{stacked}", keys))
+    shared_hidden = config.moe.num_shared_experts * config.expert_hidden_dim
+    if arch in _DEEPSEEK:
+        shared = [
+            (ours + f"ffn.shared_experts.{a}.weight", moe + f"shared_experts.{b}.weight")
+            for a, b in names.items()
+        ]
+        if shared_hidden:
+            layout.plain += shared
+        else:  # no shared experts: a width-0 shared MLP adds exactly nothing
+            layout.zero += [(b, (config.dim, 0) if "down" in b else (0, config.dim)) for _, b in shared]
+        bias = moe + "gate.e_score_correction_bias"  # DeepSeek-V3's routing bias
+        if arch == "deepseek_v3" and config.moe.bias_update_rate > 0:
+            layout.plain.append((ours + "ffn.router.expert_bias", bias))
+        elif arch == "deepseek_v3":
+            layout.zero.append((bias, (config.moe.num_experts,)))
+        return
+    if arch != "qwen2_moe":
+        return
+    layout.zero.append((moe + "shared_expert_gate.weight", (1, config.dim)))
+    if shared_hidden:
+        layout.plain += [
+            (ours + "ffn.shared_experts.w1.weight", moe + "shared_expert.gate_proj.weight"),
+            (ours + "ffn.shared_experts.w3.weight", moe + "shared_expert.up_proj.weight"),
+        ]
+        layout.doubled.append((ours + "ffn.shared_experts.w2.weight", moe + "shared_expert.down_proj.weight"))
+    else:  # Qwen2-MoE always has a shared expert: a width-0 one adds exactly nothing
+        layout.zero += [
+            (moe + "shared_expert.gate_proj.weight", (0, config.dim)),
+            (moe + "shared_expert.up_proj.weight", (0, config.dim)),
+            (moe + "shared_expert.down_proj.weight", (config.dim, 0)),
+        ]
 
 
 def _rope_parameters(config: ModelConfig) -> dict:
@@ -310,7 +334,7 @@ def _deepseek_config(config: ModelConfig, arch: str, common: dict):
         return DeepseekV3Config(
             norm_topk_prob=moe.renormalize,
             rope_interleave=True,
-            num_nextn_predict_layers=0,
+            num_nextn_predict_layers=config.mtp.num_layers,
             **(groups or dict(n_group=1, topk_group=1)),
             **common,
         )
@@ -381,6 +405,7 @@ def to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torc
             out.update({key: w.T for key, w in zip(keys, stacked)})
     out.update({theirs: 2 * state[ours] for ours, theirs in layout.doubled})
     out.update({theirs: torch.zeros(shape) for theirs, shape in layout.zero})
+    out.update({theirs: state[ours].clone() for ours, theirs in layout.copies})  # safetensors: unshared
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
@@ -502,9 +527,11 @@ def _from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
     max_len = hf.get("max_position_embeddings", 4096)
     if hf.get("sliding_window") and hf.get("use_sliding_window", True):
         max_len = min(max_len, hf["sliding_window"])  # full causal == sliding window up to the window
-    moe, mla = MoEConfig(), MLAConfig()
+    moe, mla, mtp = MoEConfig(), MLAConfig(), MTPConfig()
     if model_type in _DEEPSEEK:
         moe, mla = _deepseek_from_hf(hf, model_type)
+    if model_type == "deepseek_v3":  # V3 weighed its MTP loss 0.3, then 0.1 for its last 4.8T tokens
+        mtp = MTPConfig(num_layers=hf.get("num_nextn_predict_layers") or 0, loss_coef=0.1)
     elif model_type == "mixtral":
         moe = MoEConfig(
             num_experts=hf["num_local_experts"],
@@ -546,6 +573,7 @@ def _from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe=moe,
         mla=mla,
+        mtp=mtp,
     )
     return config, "llama" if model_type == "mistral" else model_type
 

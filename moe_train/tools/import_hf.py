@@ -9,28 +9,42 @@ OUT_DIR is a weights-only checkpoint whose config.yaml carries the architecture;
 `trainer.init_from` starts a run from it with a fresh optimizer. Mistral's sliding window becomes
 model.max_seq_len (full causal attention equals sliding-window attention up to the window). A
 DeepSeek-V3 model comes with V3's training-time balancing (the routing bias moved by 0.001 per
-step, a sequence-wise aux loss of 0.0001); change them with model.moe.* overrides beside
-trainer.init_from.
+step, a sequence-wise aux loss of 0.0001) and its multi-token prediction module where the checkpoint
+has one, weighed 0.1 (V3's weight for its last 4.8T tokens); change them with model.moe.* and
+model.mtp.* overrides beside trainer.init_from.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
-from moe_train.config import Config, ConfigError, DataConfig
+from moe_train.config import Config, ConfigError, DataConfig, MTPConfig
 from moe_train.model import Transformer
 from moe_train.tools import hf
 from moe_train.tools.cli import one_line_errors
 from moe_train.train.checkpoint import save_weights
 
+log = logging.getLogger(__name__)
+
 
 def import_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
     hf_config, tensors = hf.read_hf_folder(Path(hf_dir))
     model_config, arch = hf.from_hf_config(hf_config)
+    mtp_key = f"model.layers.{model_config.num_layers}.eh_proj.weight"
+    if model_config.mtp.num_layers and mtp_key not in tensors:
+        log.warning(
+            "config.json has %d multi-token prediction layers but the weights lack them (%s): "
+            "imported without (model.mtp.num_layers=0)",
+            model_config.mtp.num_layers,
+            mtp_key,
+        )
+        model_config = dataclasses.replace(model_config, mtp=MTPConfig())
     state = hf.from_hf(model_config, tensors, arch)
     with torch.device("meta"):
         model = Transformer(model_config)

@@ -2,7 +2,8 @@
 
     python -m moe_train.tools.inspect model=mixtral_8x7b [data.seq_len=4096]
 
-Prints JSON: total_params, active_params (what one token passes through, embeddings included),
+Prints JSON: total_params, active_params (what one token passes through, embeddings included; both
+count multi-token prediction modules, which mtp_params and mtp_active_params give on their own),
 flops_per_token (training: 6 x active matmul parameters + 12 x layers x dim x seq_len for attention;
 with MLA 6 x layers x heads x (query/key + value head size) x seq_len).
 """
@@ -34,6 +35,8 @@ def inspect_config(config: Config) -> dict:
         "active_params": size.active_params,
         "active_matmul_params": size.active_matmul_params,
         "flops_per_token": size.flops_per_token,
+        "mtp_params": size.mtp_params,
+        "mtp_active_params": size.mtp_active_params,
         "seq_len": config.data.seq_len,
         "vocab_size": config.model.vocab_size,
         "num_layers": config.model.num_layers,

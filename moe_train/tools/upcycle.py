@@ -26,6 +26,7 @@ import torch
 
 from moe_train.config import ConfigError, MoEConfig
 from moe_train.model import Transformer
+from moe_train.model.transformer import block_prefixes
 from moe_train.tools.cli import one_line_errors
 from moe_train.train.checkpoint import load_model, save_weights
 
@@ -72,8 +73,8 @@ def upcycle(
     moe_model = Transformer(new_config.model)
     dense_state, state = dense.state_dict(), moe_model.state_dict()
     hidden = moe.expert_hidden_dim
-    for i in range(model_config.num_layers):
-        ffn = f"layers.{i}.ffn."
+    for block in block_prefixes(model_config):  # multi-token prediction's blocks too
+        ffn = block + "ffn."
         w1, w3, w2 = (dense_state[ffn + f"{n}.weight"] for n in ("w1", "w3", "w2"))  # (F, D), (F, D), (D, F)
         for e in range(num_experts):
             part = slice((e % granularity) * hidden, (e % granularity + 1) * hidden)

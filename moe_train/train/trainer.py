@@ -86,7 +86,7 @@ class Trainer:
         self.model.activation_checkpointing = t.activation_checkpointing
         self.routers = [m.router for m in self.model.modules() if isinstance(m, MoE)]  # in layer order
         if t.compile:  # per block, in place (state-dict keys unchanged); expert dispatch stays eager
-            for block in self.model.layers:
+            for block in self.model.blocks:
                 block.compile()
         if config.engine.name == "deepspeed":  # imported only when asked for (DeepSpeed is slow to import)
             from moe_train.train.deepspeed_engine import ZeroEngine
@@ -191,16 +191,16 @@ class Trainer:
         data_time = time.perf_counter() - start_time
 
         self.model.train()
-        losses = torch.zeros(4, device=self.device)  # lm, aux, device aux, z summed over micro-batches
+        losses = torch.zeros(5, device=self.device)  # lm, aux, device aux, z, mtp summed over micro-batches
         tokens_per_expert = dropped = None
         for micro in batch.split(t.micro_batch_size):
             micro = micro.to(self.device, non_blocking=True)
             with self.autocast():
-                out = self.model(micro[:, :-1])
+                out = self.model(micro[:, :-1], targets=micro[:, 1:])
                 lm = lm_loss(out.logits, micro[:, 1:])
-            router_losses = (out.aux_loss, out.device_aux_loss, out.z_loss)
-            self.engine.backward(self._objective(lm, *router_losses))
-            losses += torch.stack([lm, *router_losses]).detach()
+            other_losses = (out.aux_loss, out.device_aux_loss, out.z_loss, out.mtp_loss)
+            self.engine.backward(self._objective(lm, *other_losses))
+            losses += torch.stack([lm, *other_losses]).detach()
             if out.tokens_per_expert is not None:
                 counts = out.tokens_per_expert.float()
                 drops = out.dropped.to(self.device)
@@ -210,14 +210,14 @@ class Trainer:
         lr = lr_at(self.progress.step, self.config.optim, t.max_steps)
         grad_norm = self.engine.step(lr)
         losses = topo.all_reduce(losses / self.micro_batches_per_step) / topo.world_size
-        lm, aux, device_aux, z = losses.tolist()
-        self._stop_if_diverged(grad_norm, lm, aux, device_aux, z)
+        lm, aux, device_aux, z, mtp = losses.tolist()
+        self._stop_if_diverged(grad_norm, lm, aux, device_aux, z, mtp)
         self.progress.step += 1
         self.progress.consumed_samples += t.global_batch_size
 
         metrics = {
             "step": self.progress.step,
-            "loss": self._objective(lm, aux, device_aux, z),
+            "loss": self._objective(lm, aux, device_aux, z, mtp),
             "lm_loss": lm,
             "aux_loss": aux,
             "z_loss": z,
@@ -226,6 +226,8 @@ class Trainer:
         }
         if moe.num_expert_groups > 1:
             metrics["device_aux_loss"] = device_aux
+        if self.config.model.mtp.num_layers:
+            metrics["mtp_loss"] = mtp
         if self.progress.step == 1:  # this rank's optimizer memory, once (it does not change)
             for kind, num_bytes in self.engine.optimizer_state_bytes().items():
                 metrics[f"optimizer_{kind}_mb"] = num_bytes / 2**20
@@ -265,10 +267,18 @@ class Trainer:
             )
         )
 
-    def _objective(self, lm, aux, device_aux, z):
-        """What the step minimises: the LM loss plus the weighted router losses (tensors or floats)."""
-        moe = self.config.model.moe
-        return lm + moe.aux_loss_coef * aux + moe.device_aux_loss_coef * device_aux + moe.z_loss_coef * z
+    def _objective(self, lm, aux, device_aux, z, mtp):
+        """What the step minimises: the LM loss plus the weighted router and multi-token prediction
+        losses (tensors or floats)."""
+        model = self.config.model
+        moe = model.moe
+        return (
+            lm
+            + moe.aux_loss_coef * aux
+            + moe.device_aux_loss_coef * device_aux
+            + moe.z_loss_coef * z
+            + model.mtp.loss_coef * mtp
+        )
 
     def _update_routing_bias(self, tokens_per_expert: torch.Tensor) -> None:
         """Auxiliary-loss-free balancing (model.moe.bias_update_rate > 0): each router's bias moves

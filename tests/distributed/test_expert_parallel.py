@@ -64,7 +64,8 @@ def full_params(result_dir: Path, world: int, ep: int) -> dict[str, torch.Tensor
 def assert_same_run(metrics, params, ref_metrics, ref_params, rtol=1e-5):
     assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics]
     for m, ref in zip(metrics, ref_metrics):
-        for key in ("loss", "lm_loss", "aux_loss", "device_aux_loss", "z_loss", "grad_norm", "val_loss"):
+        losses = ("loss", "lm_loss", "aux_loss", "device_aux_loss", "z_loss", "mtp_loss")
+        for key in (*losses, "grad_norm", "val_loss"):
             if key in ref:
                 assert m[key] == pytest.approx(ref[key], rel=rtol), (m["step"], key)
         assert m["expert_load/layer_0"] == pytest.approx(ref["expert_load/layer_0"], abs=1e-5)
@@ -105,9 +106,9 @@ def test_capacity_that_drops_nothing_matches_dropless(tmp_path, reference_run):
 
 
 def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(tmp_path):
-    """DeepSeek-V3's model (MLA) and DeepSeek's routing and balancing: sigmoid scores, group-limited routing and the scaling
-    factor, the routing bias and a small sequence-wise aux loss (DeepSeek-V3), and the device-level
-    loss (DeepSeekMoE). The bias moves from the global batch's counts: every rank moves it alike,
+    """DeepSeek-V3's model (MLA, multi-token prediction) and DeepSeek's routing and balancing:
+    sigmoid scores, group-limited routing and the scaling factor, the routing bias and a small
+    sequence-wise aux loss (DeepSeek-V3), and the device-level loss (DeepSeekMoE). The bias moves from the global batch's counts: every rank moves it alike,
     and as one process does. The device-level loss over two groups of experts (one per rank at
     ep=2) is the same on one process, where both groups are on the same device."""
     balancing = (
@@ -125,14 +126,17 @@ def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(t
         "model.mla.qk_nope_head_dim=8",
         "model.mla.qk_rope_head_dim=8",
         "model.mla.v_head_dim=12",
+        "model.mtp.num_layers=1",  # and its multi-token prediction, whose block is an MoE one too
     )
     single = train_run(tmp_path, "single", 1, 1, *balancing)
     metrics, params = train_run(tmp_path, "ep2", 2, 2, *balancing)
     assert_same_run(metrics, params, *single)
     assert params["layers.0.ffn.router.expert_bias"].abs().sum() > 0
+    assert params["mtp.0.block.ffn.router.expert_bias"].abs().sum() > 0
     for m in metrics:  # one group would give 1.0; the objective weighs it by its coefficient
         assert m["device_aux_loss"] != 1.0
         weighted = 0.0001 * m["aux_loss"] + 0.1 * m["device_aux_loss"] + 0.001 * m["z_loss"]
+        weighted += 0.3 * m["mtp_loss"]
         assert m["loss"] == pytest.approx(m["lm_loss"] + weighted)
 
 

@@ -1,6 +1,7 @@
 """Hugging Face interop, checked against the real transformers: export gives the same logits,
 import gives back the same weights, and what cannot be exported exactly is refused."""
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -67,8 +68,21 @@ V2_TINY = [
         # MLA, query latent, sigmoid, groups, scaling, and a routing bias moved by 2 steps
         (["model=deepseek_v3_tiny"], "DeepseekV3ForCausalLM"),
         (V2_TINY, "DeepseekV2ForCausalLM"),
+        # multi-token prediction: V3's checkpoint layout (transformers skips it), none in Mixtral's
+        (["model=deepseek_v3_tiny", "model.mtp.num_layers=1"], "DeepseekV3ForCausalLM"),
+        (["model.mtp.num_layers=1"], "MixtralForCausalLM"),
     ],
-    ids=["dense", "mixtral", "tied-top1", "shared-experts", "every-2nd-unnormalised", "mla-v3", "mla-v2"],
+    ids=[
+        "dense",
+        "mixtral",
+        "tied-top1",
+        "shared-experts",
+        "every-2nd-unnormalised",
+        "mla-v3",
+        "mla-v2",
+        "mla-v3-mtp",
+        "mixtral-mtp",
+    ],  # fmt: skip
 )
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, overrides, architecture):
     run_dir = trained(tmp_path, *overrides)
@@ -80,7 +94,11 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, overrides, 
     assert logits_agree(ours, hf_model, 256) < 1e-4
 
 
-@pytest.mark.parametrize("overrides", [[], ["model=deepseek_v3_tiny"], V2_TINY], ids=["mixtral", "v3", "v2"])
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["model=deepseek_v3_tiny", "model.mtp.num_layers=2"], V2_TINY],
+    ids=["mixtral", "v3-mtp", "v2"],
+)
 def test_export_then_import_gives_back_the_same_weights_and_routing(tmp_path, overrides):
     run_dir = trained(tmp_path, *overrides)
     export(run_dir, tmp_path / "hf")
@@ -91,8 +109,19 @@ def test_export_then_import_gives_back_the_same_weights_and_routing(tmp_path, ov
                 "routed_scaling_factor", "first_k_dense"):  # fmt: skip
         assert getattr(config.model.moe, key) == getattr(source.model.moe, key), key
     assert config.model.mla == source.model.mla
+    assert config.model.mtp.num_layers == source.model.mtp.num_layers
     for (name, a), (_, b) in zip(original.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_deepseek_v3_whose_weights_lack_its_mtp_module_imports_without_it(tmp_path, caplog):
+    out = export(trained(tmp_path, "model=deepseek_v3_tiny"), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    imported = import_folder(out, tmp_path / "imported")
+    assert load_config(imported).model.mtp.num_layers == 0
+    layers = config["num_hidden_layers"]
+    assert f"the weights lack them (model.layers.{layers}.eh_proj.weight)" in caplog.text
 
 
 def test_import_a_transformers_mistral_and_train_from_it(tmp_path):
@@ -221,15 +250,19 @@ def test_export_refuses_routing_it_cannot_express(tmp_path):
 def test_upcycled_full_copies_compute_the_dense_model_and_train_on(tmp_path):
     from moe_train.tools.upcycle import upcycle
 
-    dense_dir = trained(tmp_path, "model=dense_tiny", "model.ffn_hidden_dim=96", name="dense")
+    dense_dir = trained(
+        tmp_path, "model=dense_tiny", "model.ffn_hidden_dim=96", "model.mtp.num_layers=1", name="dense"
+    )
     out = upcycle(dense_dir, tmp_path / "moe", num_experts=4, top_k=2)
     config, moe = load_model(out)
     _, dense = load_model(dense_dir)
-    assert config.model.moe.num_experts == 4 and moe.moe_layer_ids == [0, 1]
+    assert config.model.moe.num_experts == 4 and moe.moe_layer_ids == [0, 1, 2]  # 2: the MTP block
     assert config.model.name == "dense_tiny_4x_top2"  # not the source's: runs/<name> is its run directory
-    tokens = torch.randint(0, 256, (2, 24))
+    tokens = torch.randint(0, 256, (2, 25))
     with torch.no_grad():
-        torch.testing.assert_close(moe(tokens).logits, dense(tokens).logits, rtol=1e-5, atol=1e-5)
+        a, b = moe(tokens[:, :-1], tokens[:, 1:]), dense(tokens[:, :-1], tokens[:, 1:])
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.mtp_loss, b.mtp_loss, rtol=1e-5, atol=1e-5)
     trained(tmp_path, f"trainer.init_from={out}")
 
 
@@ -253,7 +286,7 @@ def test_fine_grained_upcycling_starts_close_and_bad_granularity_is_refused(tmp_
 def test_depth_upscaling_stacks_two_trimmed_copies(tmp_path, preset):
     from moe_train.tools.depth_upscale import depth_upscale
 
-    src = trained(tmp_path, f"model={preset}", "model.num_layers=4", name="src")
+    src = trained(tmp_path, f"model={preset}", "model.num_layers=4", "model.mtp.num_layers=1", name="src")
     out = depth_upscale(src, tmp_path / "deep", drop=1)
     config, deep = load_model(out)
     _, shallow = load_model(src)
@@ -262,6 +295,8 @@ def test_depth_upscaling_stacks_two_trimmed_copies(tmp_path, preset):
     for i, j in enumerate([0, 1, 2, 1, 2, 3]):  # first copy minus its last layer, second minus its first
         for name in (k for k in old if k.startswith(f"layers.{j}.")):
             assert torch.equal(new[name.replace(f"layers.{j}.", f"layers.{i}.", 1)], old[name])
+    for name in (k for k in old if not k.startswith("layers.")):  # embeddings, head, MTP module
+        assert torch.equal(new[name], old[name])
     for drop in (2, 3):  # 2 = n/2 would give back the source model
         with pytest.raises(ConfigError, match=f"--drop={drop} must be >= 0 and below n/2 = 2 for a 4-layer"):
             depth_upscale(src, tmp_path / "bad", drop=drop)

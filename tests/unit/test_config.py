@@ -10,6 +10,7 @@ from moe_train.config import (
     MLAConfig,
     ModelConfig,
     MoEConfig,
+    MTPConfig,
     OptimConfig,
     ParallelConfig,
     RopeScalingConfig,
@@ -83,6 +84,16 @@ from moe_train.tools.hydra_config import compose_config
             "model.mla.qk_rope_head_dim=7 must be even and > 0",
         ),
         (lambda: MLAConfig(kv_lora_rank=-1), "model.mla.kv_lora_rank=-1 must be >= 0"),
+        (lambda: MTPConfig(num_layers=-1), "model.mtp.num_layers=-1 must be >= 0"),
+        (
+            lambda: MTPConfig(num_layers=1, loss_coef=float("nan")),
+            "model.mtp.loss_coef=nan must be a number >= 0",
+        ),
+        (
+            lambda: Config(model=ModelConfig(mtp=MTPConfig(num_layers=4)), data=DataConfig(seq_len=4)),
+            "data.seq_len=4 leaves no position for multi-token prediction depth 4 (model.mtp.num_layers "
+            "must be below data.seq_len)",
+        ),
         (
             lambda: RopeScalingConfig(type="yarn"),
             "model.rope_scaling.type='yarn' is not allowed; choose one of none, llama3",

@@ -1,11 +1,13 @@
 """Attention against a naive reference, layer placement, parameter counts against hand and published figures."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from moe_train.config import MLAConfig, ModelConfig, MoEConfig
+from moe_train.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig
 from moe_train.model import Transformer, model_size
 from moe_train.model.layers import Attention, LatentAttention, apply_rotary, rotary_tables
 from moe_train.tools.hydra_config import compose_config
@@ -192,6 +194,33 @@ def test_counts_by_hand():
     assert size.flops_per_token == 6 * matmul + 12 * 2 * 8 * 4
 
 
+def test_counts_by_hand_with_multi_token_prediction():
+    # the model above plus one MTP depth: two input norms, the [embedding; hidden] projection, one
+    # more (MoE) block and its final norm; the output head runs once more per token
+    base = ModelConfig(
+        vocab_size=10,
+        dim=8,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        ffn_hidden_dim=6,
+        max_seq_len=4,
+        moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1),
+    )
+    without = model_size(Transformer(base), seq_len=4)
+    size = model_size(Transformer(replace(base, mtp=MTPConfig(num_layers=1))), seq_len=4)
+    attention = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8
+    expert = 3 * 8 * 6
+    block = attention + 4 * expert + expert + 4 * 8 + 2 * 8
+    depth = 2 * 8 + 2 * 8 * 8 + block + 8
+    assert size.mtp_params == depth
+    assert size.total_params == without.total_params + depth
+    assert size.active_params == without.active_params + depth - 2 * expert
+    matmul = 2 * 8 * 8 + (block - 2 * expert - 16) + 10 * 8  # projection, block, head
+    assert size.active_matmul_params == without.active_matmul_params + matmul
+    assert size.flops_per_token == 6 * size.active_matmul_params + 12 * 3 * 8 * 4
+
+
 # Published counts. A published figure is rounded: allow 1% or half a unit of its last digit.
 PUBLISHED = {
     "mixtral_8x7b": (46.7e9, 0.05e9, 12.9e9, 0.05e9),
@@ -211,14 +240,30 @@ ACTIVE_WITHOUT_EMBEDDING = {"deepseek_v3", "deepseek_v2_lite"}
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_full_size_presets_match_published_counts(preset):
+    """Published counts are the main model's: without multi-token prediction modules."""
     config = compose_config([f"model={preset}"])
     counts = inspect_config(config)
     total, total_unit, active, active_unit = PUBLISHED[preset]
-    assert abs(counts["total_params"] - total) <= max(0.01 * total, total_unit)
+    main_total = counts["total_params"] - counts["mtp_params"]
+    assert abs(main_total - total) <= max(0.01 * total, total_unit)
     if preset in ACTIVE_WITHOUT_EMBEDDING:
         counts["active_params"] -= config.model.vocab_size * config.model.dim
     if active is not None:
-        assert abs(counts["active_params"] - active) <= max(0.01 * active, active_unit)
+        main_active = counts["active_params"] - counts["mtp_active_params"]
+        assert abs(main_active - active) <= max(0.01 * active, active_unit)
+
+
+def test_deepseek_v3_with_its_mtp_module_has_the_published_checkpoints_size():
+    """DeepSeek-V3's Hugging Face checkpoint holds 685B parameters, "671B of the main model and
+    14B of the MTP module", which stores its own copies of the embedding and the output head. The
+    685B is rounded and also counts the FP8 weights' 128 x 128 block scales (about 0.04B); the 14B
+    is the difference of two rounded figures."""
+    config = compose_config(["model=deepseek_v3"])
+    counts = inspect_config(config)
+    copies = 2 * config.model.vocab_size * config.model.dim
+    assert config.model.mtp.num_layers == 1
+    assert abs(counts["total_params"] + copies - 685e9) <= 0.5e9 + 0.05e9
+    assert abs(counts["mtp_params"] + copies - 14e9) <= 1e9
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
@@ -248,3 +293,76 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert torch.equal(loss, loss_ckpt)
     for g, g_ckpt in zip(grads, grads_ckpt):
         torch.testing.assert_close(g_ckpt, g)
+
+
+def mtp_reference_loss(model: Transformer, sequence: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's multi-token prediction written out position by position, each from its own
+    prefix only: depth k at position i combines depth k-1's hidden state at i (the main model's
+    normalised output for k = 1) with the embedding of token i + k and predicts token i + k + 1.
+    sequence (B, T + 1): the model's input is its first T tokens."""
+    T = sequence.shape[1] - 1
+    per_depth = []
+    for k in range(1, len(model.mtp) + 1):
+        losses = []
+        for i in range(T - k):
+            n = i + 1  # positions 0..i
+            cos, sin = model.rope_cos[:n], model.rope_sin[:n]
+            x = model.tok_embeddings(sequence[:, :n])
+            for block in model.layers:
+                x, _ = block(x, cos, sin)
+            hidden = model.norm(x)
+            for d in range(1, k + 1):
+                depth = model.mtp[d - 1]
+                ahead = model.tok_embeddings(sequence[:, d : d + n])  # token j + d at position j
+                x = depth.eh_proj(torch.cat([depth.enorm(ahead), depth.hnorm(hidden)], dim=-1))
+                x, _ = depth.block(x, cos, sin)
+                hidden = depth.norm(x)
+            logits = model.output(hidden[:, i])
+            losses.append(F.cross_entropy(logits, sequence[:, i + k + 1], reduction="none"))
+        per_depth.append(torch.cat(losses).mean())
+    return torch.stack(per_depth).mean()
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["gqa", "mla"])
+def test_multi_token_prediction_matches_a_position_by_position_reference(mla):
+    config = ModelConfig(
+        vocab_size=64,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_dim=48,
+        max_seq_len=16,
+        moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1, first_k_dense=1),
+        mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+        if mla
+        else MLAConfig(),
+        mtp=MTPConfig(num_layers=2),
+    )
+    torch.manual_seed(0)
+    model = Transformer(config)
+    sequence = torch.randint(0, 64, (2, 11))
+    out = model(sequence[:, :-1], targets=sequence[:, 1:])
+    torch.testing.assert_close(out.mtp_loss, mtp_reference_loss(model, sequence))
+    # the depths' MoE blocks report their routing after the layers' (layer ids 2 and 3)
+    assert model.moe_layer_ids == [1, 2, 3]
+    assert out.tokens_per_expert.shape == (3, 4)
+    assert out.tokens_per_expert[1].sum() == 2 * 9 * 2  # depth 1: 9 positions, top-2
+    assert out.tokens_per_expert[2].sum() == 2 * 8 * 2
+
+
+def test_multi_token_prediction_trains_the_main_model_and_leaves_its_logits_alone():
+    config = ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, ffn_hidden_dim=48, max_seq_len=16)
+    torch.manual_seed(0)
+    plain = Transformer(config)
+    with_mtp = Transformer(replace(config, mtp=MTPConfig(num_layers=1)))
+    missing, _ = with_mtp.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(key.startswith("mtp.0.") for key in missing)
+    sequence = torch.randint(0, 64, (2, 11))
+    out = with_mtp(sequence[:, :-1], targets=sequence[:, 1:])
+    assert torch.equal(out.logits, plain(sequence[:, :-1]).logits)
+    # without targets (evaluation, generation) the depths do not run
+    assert with_mtp(sequence[:, :-1]).mtp_loss.item() == 0
+    out.mtp_loss.backward()
+    for name, p in with_mtp.named_parameters():  # DeepSeek-V3: MTP's gradient reaches the main model
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
