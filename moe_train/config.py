@@ -139,30 +139,56 @@ class MoEConfig:
 @dataclass
 class RopeScalingConfig:
     type: str = "none"
-    """`none`, or `llama3`: Llama 3.1's frequency-dependent scaling of the rotary frequencies
+    """`none`; `llama3`: Llama 3.1's frequency-dependent scaling of the rotary frequencies
     (wavelengths above original_max_seq_len / low_freq_factor are divided by factor, those below
     original_max_seq_len / high_freq_factor kept, the ones between interpolated), which imported
-    Llama 3.x models need."""
+    Llama 3.x models need; `yarn`: YaRN (Peng et al. 2023), which DeepSeek-V2/V3 and Qwen use:
+    frequencies that turn fewer than beta_slow times over original_max_seq_len are divided by
+    factor, those that turn more than beta_fast times kept, a linear ramp between, and the
+    attention logits scaled up with log(factor)."""
     factor: float = 8.0
+    """How much longer than original_max_seq_len the context becomes."""
     low_freq_factor: float = 1.0
+    """llama3 only."""
     high_freq_factor: float = 4.0
+    """llama3 only."""
     original_max_seq_len: int = 8192
     """The context length the frequencies were first trained for."""
+    beta_fast: float = 32.0
+    """yarn: rotations over original_max_seq_len above which a frequency is kept."""
+    beta_slow: float = 1.0
+    """yarn: rotations below which a frequency is divided by factor."""
+    mscale: float = 0.0
+    """yarn: with mscale_all_dim, the cos/sin tables are scaled by m(mscale) / m(mscale_all_dim),
+    where m(s) = 1 + 0.1 s ln(factor); both 0: by m(1), YaRN's own sqrt(1/t)."""
+    mscale_all_dim: float = 0.0
+    """yarn: see mscale; with multi-head latent attention the softmax scale is also multiplied by
+    m(mscale_all_dim)^2 (DeepSeek-V2/V3: 0.707 and 1.0, so their tables are not scaled)."""
 
     def __post_init__(self) -> None:
-        _one_of("model.rope_scaling.type", self.type, ("none", "llama3"))
+        _one_of("model.rope_scaling.type", self.type, ("none", "llama3", "yarn"))
         if self.type == "none":
             return
         _check(self.factor >= 1, f"model.rope_scaling.factor={self.factor} must be >= 1")
         _check(
-            0 < self.low_freq_factor < self.high_freq_factor,
-            f"model.rope_scaling.low_freq_factor={self.low_freq_factor} must be > 0 and below "
-            f"model.rope_scaling.high_freq_factor={self.high_freq_factor}",
-        )
-        _check(
             self.original_max_seq_len > 0,
             f"model.rope_scaling.original_max_seq_len={self.original_max_seq_len} must be > 0",
         )
+        if self.type == "llama3":
+            _check(
+                0 < self.low_freq_factor < self.high_freq_factor,
+                f"model.rope_scaling.low_freq_factor={self.low_freq_factor} must be > 0 and below "
+                f"model.rope_scaling.high_freq_factor={self.high_freq_factor}",
+            )
+            return
+        _check(
+            0 < self.beta_slow < self.beta_fast,
+            f"model.rope_scaling.beta_slow={self.beta_slow} must be > 0 and below "
+            f"model.rope_scaling.beta_fast={self.beta_fast}",
+        )
+        for key in ("mscale", "mscale_all_dim"):
+            value = getattr(self, key)
+            _check(value >= 0 and math.isfinite(value), f"model.rope_scaling.{key}={value} must be >= 0")
 
 
 @dataclass

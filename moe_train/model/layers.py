@@ -19,12 +19,18 @@ def rotary_tables(
     head_dim: int, max_seq_len: int, theta: float, scaling: RopeScalingConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (max_seq_len, head_dim), in the rotate-half layout of HF Llama."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    wavelengths = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # / 2 pi
+    inv_freq = 1.0 / wavelengths
+    magnitude = 1.0
     if scaling is not None and scaling.type == "llama3":
         inv_freq = _llama3_scaled(inv_freq, scaling)
+    elif scaling is not None and scaling.type == "yarn":
+        inv_freq, magnitude = _yarn_scaled(wavelengths, theta, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, Dh)
-    return angles.cos(), angles.sin()
+    if magnitude == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * magnitude, angles.sin() * magnitude
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor:
@@ -38,6 +44,32 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature term m = 1 + 0.1 mscale ln(factor) (1 without scaling)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_scaled(wavelengths: torch.Tensor, theta: float, s: RopeScalingConfig) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023, as its reference code, DeepSeek's and transformers' yarn rope
+    type): dimension pairs whose frequency turns fewer than beta_slow times over the original
+    context are interpolated (divided by factor), more than beta_fast times kept, a linear ramp
+    between; and the magnitude that scales the cos/sin tables. Computed in transformers' order:
+    at position 10^5 a last-bit difference in a frequency moves the angle by ~1e-2."""
+    dim = 2 * wavelengths.numel()
+
+    def pair_turning(rotations: float) -> float:  # the dimension whose frequency turns this often
+        return dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(pair_turning(s.beta_fast)), 0)
+    high = min(math.ceil(pair_turning(s.beta_slow)), dim - 1)
+    width = high - low if high != low else 0.001
+    kept = 1 - ((torch.arange(dim // 2, dtype=torch.float32) - low) / width).clamp(0, 1)
+    inv_freq = 1.0 / (s.factor * wavelengths) * (1 - kept) + 1.0 / wavelengths * kept
+    if s.mscale and s.mscale_all_dim:
+        return inv_freq, yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+    return inv_freq, yarn_mscale(s.factor)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -90,9 +122,11 @@ class LatentAttention(nn.Module):
         qk_nope_head_dim: int,
         qk_rope_head_dim: int,
         v_head_dim: int,
+        softmax_scale: float | None = None,
     ):
         super().__init__()
         self.num_heads = num_heads
+        self.softmax_scale = softmax_scale  # None: SDPA's 1 / sqrt(nope + rope)
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.kv_lora_rank, self.q_lora = kv_lora_rank, q_lora_rank > 0
         qk_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -120,15 +154,19 @@ class LatentAttention(nn.Module):
         k_rope = apply_rotary(k_rope.unsqueeze(1), cos, sin).expand(B, H, T, self.rope_dim)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, nope + rope)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, v), scale 1/sqrt(nope + rope)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)  # (B, H, T, v)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 def attention(config: ModelConfig) -> Attention | LatentAttention:
     """The attention block `config` asks for."""
-    mla = config.mla
+    mla, rope = config.mla, config.rope_scaling
     if not mla.enabled:
         return Attention(config.dim, config.num_heads, config.num_kv_heads)
+    softmax_scale = None
+    if rope.type == "yarn" and rope.mscale_all_dim:  # DeepSeek-V2/V3 scale the logits, not the tables
+        qk_dim, _ = config.attention_head_dims
+        softmax_scale = qk_dim**-0.5 * yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
     return LatentAttention(
         config.dim,
         config.num_heads,
@@ -137,6 +175,7 @@ def attention(config: ModelConfig) -> Attention | LatentAttention:
         mla.qk_nope_head_dim,
         mla.qk_rope_head_dim,
         mla.v_head_dim,
+        softmax_scale,
     )
 
 

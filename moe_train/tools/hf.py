@@ -225,14 +225,24 @@ def _rope_parameters(config: ModelConfig) -> dict:
     scaling = config.rope_scaling
     if scaling.type == "none":
         return {"rope_type": "default", "rope_theta": config.rope_theta}
-    return {
+    common = {
         "rope_type": scaling.type,
         "rope_theta": config.rope_theta,
         "factor": scaling.factor,
-        "low_freq_factor": scaling.low_freq_factor,
-        "high_freq_factor": scaling.high_freq_factor,
         "original_max_position_embeddings": scaling.original_max_seq_len,
     }
+    if scaling.type == "llama3":
+        return {
+            **common,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+        }
+    yarn = {**common, "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow}
+    if scaling.mscale and scaling.mscale_all_dim:
+        yarn.update(mscale=scaling.mscale, mscale_all_dim=scaling.mscale_all_dim)
+    elif scaling.mscale_all_dim:  # MLA's softmax scale
+        yarn.update(mscale_all_dim=scaling.mscale_all_dim)
+    return yarn
 
 
 def _rope_scaling(rope: dict) -> RopeScalingConfig:
@@ -240,16 +250,29 @@ def _rope_scaling(rope: dict) -> RopeScalingConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         return RopeScalingConfig()
-    if rope_type != "llama3":
+    if rope_type not in ("llama3", "yarn"):
         raise ConfigError(
-            f"rope type {rope_type!r} is not supported (plain rotary embeddings, or Llama 3's llama3)"
+            f"rope type {rope_type!r} is not supported (plain rotary embeddings, Llama 3's llama3, or yarn)"
         )
-    return RopeScalingConfig(
-        type="llama3",
+    common = dict(
+        type=rope_type,
         factor=float(rope["factor"]),
-        low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
         original_max_seq_len=int(rope["original_max_position_embeddings"]),
+    )
+    if rope_type == "llama3":
+        return RopeScalingConfig(
+            **common,
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+        )
+    if rope.get("attention_factor") is not None or rope.get("truncate", True) is False:
+        raise ConfigError("yarn with attention_factor or truncate=false is not supported")
+    return RopeScalingConfig(
+        **common,
+        beta_fast=float(rope.get("beta_fast") or 32),
+        beta_slow=float(rope.get("beta_slow") or 1),
+        mscale=float(rope.get("mscale") or 0),
+        mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
     )
 
 

@@ -4,7 +4,8 @@
     python train.py trainer.init_from=OUT_DIR data=indexed ...     # continue pretraining from it
 
 Reads config.json and safetensors weights (sharded or not); nothing is downloaded. Llama 3.x's
-rope scaling is kept (model.rope_scaling), so a Llama 3 imported here can be upcycled into an MoE.
+rope scaling and YaRN (DeepSeek-V2/V3's) are kept (model.rope_scaling), so a Llama 3 imported here
+can be upcycled into an MoE and a DeepSeek-V2-Lite trained on.
 OUT_DIR is a weights-only checkpoint whose config.yaml carries the architecture;
 `trainer.init_from` starts a run from it with a fresh optimizer. Mistral's sliding window becomes
 model.max_seq_len (full causal attention equals sliding-window attention up to the window). A

@@ -169,6 +169,36 @@ def test_a_llama3_with_scaled_rotary_frequencies_imports_exports_and_trains(tmp_
     trained(tmp_path, f"trainer.init_from={out}", "model.num_kv_heads=2", "data.seq_len=32")
 
 
+@pytest.mark.parametrize("model_type,mscale", [("deepseek_v3", 1.0), ("deepseek_v2", 0.707)])
+def test_a_deepseek_with_yarn_imports_with_the_same_logits_and_exports_back(tmp_path, model_type, mscale):
+    """DeepSeek-V2/V3's published checkpoints extend their context with YaRN: frequencies
+    interpolated, and the softmax scale multiplied by m(mscale_all_dim)^2 = (1 + 0.1 mscale
+    ln(factor))^2. Positions up to 96 with an original context of 16."""
+    rope = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": mscale, "mscale_all_dim": mscale}  # fmt: skip
+    shape = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=128, rope_parameters=rope,
+    )  # fmt: skip
+    if model_type == "deepseek_v3":
+        config = transformers.DeepseekV3Config(q_lora_rank=24, n_group=1, topk_group=1, **shape)
+    else:
+        config = transformers.DeepseekV2Config(q_lora_rank=None, topk_method="greedy", **shape)
+    torch.manual_seed(0)
+    deepseek = transformers.AutoModelForCausalLM.from_config(config)
+    deepseek.save_pretrained(tmp_path / model_type)
+    out = import_folder(tmp_path / model_type, tmp_path / "ours")
+    model_config, ours = load_model(out)
+    assert model_config.model.rope_scaling.type == "yarn"
+    tokens = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(tokens).logits - deepseek(tokens).logits).abs().max() < 1e-4
+    back = export(out, tmp_path / "hf")
+    assert transformers.AutoConfig.from_pretrained(back).rope_parameters == rope
+
+
 def test_shared_experts_round_trip_through_qwen2_moe_and_gated_ones_are_refused(tmp_path):
     run_dir = trained(tmp_path, "model=deepseekmoe_tiny")
     out = export(run_dir, tmp_path / "hf")

@@ -95,8 +95,16 @@ from moe_train.tools.hydra_config import compose_config
             "must be below data.seq_len)",
         ),
         (
-            lambda: RopeScalingConfig(type="yarn"),
-            "model.rope_scaling.type='yarn' is not allowed; choose one of none, llama3",
+            lambda: RopeScalingConfig(type="dynamic"),
+            "model.rope_scaling.type='dynamic' is not allowed; choose one of none, llama3, yarn",
+        ),
+        (
+            lambda: RopeScalingConfig(type="yarn", beta_fast=1.0, beta_slow=32.0),
+            "model.rope_scaling.beta_slow=32.0 must be > 0 and below model.rope_scaling.beta_fast=1.0",
+        ),
+        (
+            lambda: RopeScalingConfig(type="yarn", mscale_all_dim=-1.0),
+            "model.rope_scaling.mscale_all_dim=-1.0 must be >= 0",
         ),
         (
             lambda: RopeScalingConfig(type="llama3", low_freq_factor=4.0, high_freq_factor=1.0),

@@ -133,6 +133,43 @@ def test_llama3_rope_scaling_matches_transformers():
     assert not torch.allclose(ours[0], plain[0])  # the scaling changes the long wavelengths
 
 
+@pytest.mark.parametrize(
+    "mscale,mscale_all_dim",
+    [(0.0, 0.0), (0.707, 0.707), (1.0, 0.5)],
+    ids=["yarn-temperature", "deepseek-v2", "ratio"],
+)
+def test_yarn_rope_scaling_matches_transformers(mscale, mscale_all_dim):
+    """The frequencies, and the magnitude YaRN gives the tables: m(1) = 1 + 0.1 ln(factor) by
+    default, m(mscale) / m(mscale_all_dim) with both (1 for DeepSeek's equal pair)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from moe_train.config import RopeScalingConfig
+
+    scaling = RopeScalingConfig(type="yarn", factor=40.0, original_max_seq_len=64, beta_fast=32.0,
+                                beta_slow=1.0, mscale=mscale, mscale_all_dim=mscale_all_dim)  # fmt: skip
+    rope = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0, "original_max_position_embeddings": 64,
+            "beta_fast": 32, "beta_slow": 1}  # fmt: skip
+    if mscale:
+        rope.update(mscale=mscale, mscale_all_dim=mscale_all_dim)
+    hf = LlamaRotaryEmbedding(LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=rope))
+    cos, sin = hf(torch.zeros(1), torch.arange(2048)[None])
+    ours = rotary_tables(64, 2048, 1e4, scaling)
+    torch.testing.assert_close(ours, (cos[0], sin[0]), rtol=1e-5, atol=1e-5)
+    m = {
+        0.0: 1.0,
+        0.5: 0.05 * math.log(40) + 1,
+        0.707: 0.0707 * math.log(40) + 1,
+        1.0: 0.1 * math.log(40) + 1,
+    }
+    expected = m[1.0] if not mscale else m[mscale] / m[mscale_all_dim]
+    magnitude = (ours[0].square() + ours[1].square()).sqrt()
+    torch.testing.assert_close(magnitude, torch.full_like(magnitude, expected))
+    plain = rotary_tables(64, 2048, 1e4)
+    torch.testing.assert_close(ours[0][:, 0] / expected, plain[0][:, 0])  # the fastest pair is kept
+    assert not torch.allclose(ours[0][:, 31] / expected, plain[0][:, 31])  # the slowest is not
+
+
 def test_rotary_preserves_norm_and_relative_position():
     cos, sin = rotary_tables(16, 64, 10000.0)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
