@@ -31,8 +31,19 @@ def losses(metrics):
     return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics]
 
 
-def test_resume_is_bit_exact(tmp_path, tiny_overrides):
-    common = [*tiny_overrides[:-1], "trainer.max_steps=20", "trainer.eval_every=10", "trainer.ckpt_every=0"]
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["model.mtp.num_layers=2", "trainer.activation_checkpointing=true"]],
+    ids=["plain", "mtp-recompute"],
+)
+def test_resume_is_bit_exact(tmp_path, tiny_overrides, extra):
+    common = [
+        *tiny_overrides[:-1],
+        "trainer.max_steps=20",
+        "trainer.eval_every=10",
+        "trainer.ckpt_every=0",
+        *extra,
+    ]
     whole = train([*common, f"trainer.out_dir={tmp_path / 'whole'}"])
     split_dir = tmp_path / "split"
     first = train([*common, f"trainer.out_dir={split_dir}", "trainer.exit_after_steps=10"])
@@ -41,6 +52,9 @@ def test_resume_is_bit_exact(tmp_path, tiny_overrides):
     resumed = train([*common, f"trainer.out_dir={split_dir}"])
     assert losses(resumed) == losses(whole)  # bit for bit: floats compared exactly
     assert [m.get("val_loss") for m in resumed] == [m.get("val_loss") for m in whole]
+    if extra:  # the MTP depths' MoE blocks are layers 2 and 3
+        assert [m["mtp_loss"] for m in resumed] == [m["mtp_loss"] for m in whole]
+        assert "expert_load/layer_3" in resumed[-1]
 
 
 def test_wsd_run_extended_before_its_decay_trains_on_as_if_planned_that_long(tmp_path, tiny_overrides):
@@ -221,12 +235,16 @@ def test_cli_trains_writes_metrics_and_prints_samples(tmp_path, tiny_overrides, 
         "trainer.eval_every=2",
         "logging.wandb.mode=offline",
         f"engine={engine}",
+        "model.mtp.num_layers=1",
     )
     assert result.returncode == 0, result.stderr
     assert "----- sample 1 -----" in result.stdout
     run_dir = tmp_path / "run"
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    for m in lines:  # mixtral_tiny's router loss weights, and multi-token prediction's
+        weighted = 0.01 * m["aux_loss"] + 0.001 * m["z_loss"] + 0.3 * m["mtp_loss"]
+        assert m["loss"] == pytest.approx(m["lm_loss"] + weighted, rel=1e-6)
     assert (run_dir / "checkpoints" / "step_00000004" / "config.yaml").is_file()
     assert any((run_dir / "wandb").glob("offline-run-*"))
 
