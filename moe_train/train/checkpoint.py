@@ -130,14 +130,18 @@ class _AlreadyStaged(AsyncStager):
         pass
 
 
-def dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
+def dcp_load(state: dict, path: Path, topology: Topology | None, weights_only: bool = False) -> dict:
     """Load `state` in place from a DCP checkpoint, presenting expert shards as DTensors; a load
-    that does not fit this model becomes one line naming the first mismatch."""
+    that does not fit this model becomes one line naming the first mismatch. Routing biases the
+    checkpoint lacks keep their zeros; with `weights_only` (a fresh optimizer) so do multi-token
+    prediction modules it lacks, which keep their initialisation."""
     distributed = topology is not None and topology.distributed
     try:
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        _refuse_weights_model_lacks(stored, state)
-        absent = _routing_biases_absent_from(stored, state)
+        _refuse_weights_model_lacks(stored, state, weights_only)
+        absent = _fresh_tensors_absent_from(stored, state, weights_only)
+        if any(k.startswith("mtp.") for k in absent):
+            log.info("%s has no multi-token prediction modules: they start from their initialisation", path)
         if topology is not None:
             state = expert_shards_to_dtensors(state, topology)
         dcp.load(state, checkpoint_id=path, no_dist=not distributed)
@@ -149,12 +153,16 @@ def dcp_load(state: dict, path: Path, topology: Topology | None) -> dict:
     return state
 
 
-def _refuse_weights_model_lacks(stored: dict, state: dict) -> None:
+def _refuse_weights_model_lacks(stored: dict, state: dict, weights_only: bool) -> None:
     """DCP loads the keys the model asks for and ignores the rest: a checkpoint of a deeper model,
-    say, would load into a shallower one without a word. Refuse that. `stored`: the checkpoint's
-    keys (its metadata)."""
+    say, would load into a shallower one without a word. Refuse that, except, with `weights_only`,
+    for multi-token prediction modules the new run has turned off. `stored`: the checkpoint's keys
+    (its metadata)."""
     ours = {f"model.{k}" for k in state.get("model", {})}
     extra = sorted(k for k in stored if k.startswith("model.") and k not in ours)
+    if weights_only and any(k.startswith("model.mtp.") for k in extra):
+        log.info("the checkpoint's multi-token prediction modules beyond model.mtp.num_layers are left out")
+        extra = [k for k in extra if not k.startswith("model.mtp.")]
     if extra:
         raise ConfigError(
             f"it holds {len(extra)} model tensors this model lacks, e.g. {extra[0].removeprefix('model.')} "
@@ -162,20 +170,26 @@ def _refuse_weights_model_lacks(stored: dict, state: dict) -> None:
         )
 
 
-def _routing_biases_absent_from(stored: dict, state: dict) -> dict:
-    """Takes out of state["model"], and returns, the routing biases (auxiliary-loss-free balancing)
-    that the checkpoint lacks, e.g. one written before the run turned the balancing on: they are
-    not loaded and keep their starting zeros."""
+def _fresh_tensors_absent_from(stored: dict, state: dict, weights_only: bool) -> dict:
+    """Takes out of state["model"], and returns, what may start fresh where the checkpoint lacks
+    it: the routing biases (auxiliary-loss-free balancing turned on after the checkpoint was
+    written) keep their zeros; with `weights_only`, multi-token prediction modules (added to a
+    model that had none, e.g. an imported one) keep their initialisation."""
     model = state.get("model", {})
-    keys = [k for k in model if k.endswith("router.expert_bias")]
-    return {k: model.pop(k) for k in keys if f"model.{k}" not in stored}
+    absent = [k for k in model if f"model.{k}" not in stored]
+    if not weights_only and any(k.startswith("mtp.") for k in absent):
+        raise ConfigError(
+            "it has no multi-token prediction modules for model.mtp.num_layers: add them in a new run "
+            "started from it (trainer.init_from, a fresh optimizer), not by resuming"
+        )
+    return {k: model.pop(k) for k in absent if k.endswith("router.expert_bias") or k.startswith("mtp.")}
 
 
 def load_weights(path: str | Path, model: nn.Module, topology: Topology | None = None) -> None:
     """Model weights only, from a training checkpoint or a weights-only one, at any expert layout."""
     path = Path(path)
     load_config(path)  # checks it is a checkpoint
-    state = dcp_load({"model": model.state_dict()}, path, topology)
+    state = dcp_load({"model": model.state_dict()}, path, topology, weights_only=True)
     model.load_state_dict(state["model"])
 
 

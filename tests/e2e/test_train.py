@@ -382,3 +382,29 @@ def test_auxiliary_loss_free_balancing_from_a_checkpoint_without_it_resumes_exac
     with pytest.raises(ConfigError, match="router.expert_bias is not zero"):
         export(tmp_path / "whole", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_init_from_can_add_multi_token_prediction_and_drop_it_again(tmp_path, tiny_overrides):
+    """Continued pretraining (trainer.init_from, a fresh optimizer) may turn multi-token prediction
+    on over a model that had none: the main weights load, the new depth starts from its
+    initialisation. And off again: the checkpoint's depth is left out. Resuming a run is stricter."""
+    base = [o for o in tiny_overrides if not o.startswith("trainer.out_dir")]
+    short = ["trainer.max_steps=2", "trainer.num_samples=0", "trainer.eval_every=0"]
+    train([*base, *short, f"trainer.out_dir={tmp_path / 'plain'}"])
+    with_mtp = train(
+        [*base, *short, f"trainer.init_from={tmp_path / 'plain'}", "model.mtp.num_layers=1",
+         f"trainer.out_dir={tmp_path / 'mtp'}"]
+    )  # fmt: skip
+    assert all("mtp_loss" in m for m in with_mtp)
+    config, continued = load_model(tmp_path / "mtp")
+    assert config.model.mtp.num_layers == 1 and "mtp.0.eh_proj.weight" in continued.state_dict()
+    without = train(
+        [*base, *short, f"trainer.init_from={tmp_path / 'mtp'}", "model.mtp.num_layers=0",
+         f"trainer.out_dir={tmp_path / 'again'}"]
+    )  # fmt: skip
+    assert not any("mtp_loss" in m for m in without)
+    assert load_config(next((tmp_path / "again" / "checkpoints").iterdir())).model.mtp.num_layers == 0
+    with pytest.raises(ConfigError, match="has no multi-token prediction modules for model.mtp.num_layers"):
+        train(
+            [*base, "trainer.max_steps=4", "model.mtp.num_layers=1", f"trainer.out_dir={tmp_path / 'plain'}"]
+        )
