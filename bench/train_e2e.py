@@ -6,7 +6,8 @@
 Any Hydra override is accepted. Reports the median over the timed steps (after warm-up) of
 tokens/s and of MFU = flops_per_token * tokens/s / peak, with flops_per_token = 6 x active matmul
 parameters + 12 x layers x dim x seq_len (PaLM's convention; with MLA 6 x layers x heads x
-(query/key + value head size) x seq_len) and the device's dense bf16 peak.
+(query/key + value head size) x seq_len; multi-token prediction's depths, their extra pass through
+the output head included) and the device's dense bf16 peak.
 """
 
 from __future__ import annotations
