@@ -4,6 +4,7 @@ or a byte-level BPE trained on the corpus itself). Nothing is downloaded."""
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import numpy as np
 
 from moe_train.config import ConfigError
 from moe_train.data.tiktoken_bpe import TiktokenBPE
+
+log = logging.getLogger(__name__)
 
 # The end-of-document token a trained BPE gets, and the names recognised in a user's tokenizer.json.
 EOS_TOKEN = "<|endoftext|>"
@@ -132,4 +135,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> HFToke
     tokenizer.train_from_iterator(_bounded_words(texts), trainer)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
-    return HFTokenizer(path)
+    trained = HFTokenizer(path)
+    if trained.vocab_size < vocab_size:  # the text ran out of pairs to merge
+        log.warning(
+            "the BPE has %d tokens, not the %d asked for: the text sample has no more pairs to merge",
+            trained.vocab_size,
+            vocab_size,
+        )
+    return trained

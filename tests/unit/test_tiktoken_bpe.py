@@ -163,3 +163,10 @@ def test_other_pre_tokenizers_and_normalizers_use_tokenizers(tmp_path, corpus):
     spec["normalizer"] = {"type": "Lowercase"}
     (tmp_path / "lower.json").write_text(json.dumps(spec))
     assert TiktokenBPE.load(tmp_path / "lower.json") is None
+
+
+def test_a_bpe_that_runs_out_of_merges_says_so(tmp_path, caplog):
+    """A short sample has fewer pairs than the vocabulary asks for: the BPE is smaller, with a warning."""
+    small = train_bpe(["abab abab\n"] * 3, 1000, tmp_path / "tokenizer.json")
+    assert small.vocab_size < 1000
+    assert f"the BPE has {small.vocab_size} tokens, not the 1000 asked for" in caplog.text
