@@ -160,7 +160,8 @@ class RopeScalingConfig:
     """yarn: rotations below which a frequency is divided by factor."""
     mscale: float = 0.0
     """yarn: with mscale_all_dim, the cos/sin tables are scaled by m(mscale) / m(mscale_all_dim),
-    where m(s) = 1 + 0.1 s ln(factor); both 0: by m(1), YaRN's own sqrt(1/t)."""
+    where m(s) = 1 + 0.1 s ln(factor); otherwise (mscale alone is ignored, as in transformers) by
+    m(1), YaRN's own sqrt(1/t)."""
     mscale_all_dim: float = 0.0
     """yarn: see mscale; with multi-head latent attention the softmax scale is also multiplied by
     m(mscale_all_dim)^2 (DeepSeek-V2/V3: 0.707 and 1.0, so their tables are not scaled)."""
@@ -169,26 +170,32 @@ class RopeScalingConfig:
         _one_of("model.rope_scaling.type", self.type, ("none", "llama3", "yarn"))
         if self.type == "none":
             return
-        _check(self.factor >= 1, f"model.rope_scaling.factor={self.factor} must be >= 1")
+        _check(
+            self.factor >= 1 and math.isfinite(self.factor),
+            f"model.rope_scaling.factor={self.factor} must be a finite number >= 1",
+        )
         _check(
             self.original_max_seq_len > 0,
             f"model.rope_scaling.original_max_seq_len={self.original_max_seq_len} must be > 0",
         )
         if self.type == "llama3":
             _check(
-                0 < self.low_freq_factor < self.high_freq_factor,
+                0 < self.low_freq_factor < self.high_freq_factor < math.inf,
                 f"model.rope_scaling.low_freq_factor={self.low_freq_factor} must be > 0 and below "
-                f"model.rope_scaling.high_freq_factor={self.high_freq_factor}",
+                f"model.rope_scaling.high_freq_factor={self.high_freq_factor}, a finite number",
             )
             return
         _check(
-            0 < self.beta_slow < self.beta_fast,
-            f"model.rope_scaling.beta_slow={self.beta_slow} must be > 0 and below "
-            f"model.rope_scaling.beta_fast={self.beta_fast}",
+            0 < self.beta_slow < self.beta_fast < math.inf,
+            f"model.rope_scaling.beta_slow={self.beta_slow} and beta_fast={self.beta_fast} must be "
+            "finite numbers with 0 < beta_slow < beta_fast",
         )
         for key in ("mscale", "mscale_all_dim"):
             value = getattr(self, key)
-            _check(value >= 0 and math.isfinite(value), f"model.rope_scaling.{key}={value} must be >= 0")
+            _check(
+                value >= 0 and math.isfinite(value),
+                f"model.rope_scaling.{key}={value} must be a finite number >= 0",
+            )
 
 
 @dataclass

@@ -254,25 +254,33 @@ def _rope_scaling(rope: dict) -> RopeScalingConfig:
         raise ConfigError(
             f"rope type {rope_type!r} is not supported (plain rotary embeddings, Llama 3's llama3, or yarn)"
         )
-    common = dict(
-        type=rope_type,
-        factor=float(rope["factor"]),
-        original_max_seq_len=int(rope["original_max_position_embeddings"]),
-    )
+
+    def number(key: str, default: float | None = None) -> float:
+        if rope.get(key) is None:
+            if default is None:
+                raise ConfigError(f"the {rope_type} rope scaling in config.json lacks {key!r}")
+            return default
+        try:
+            return float(rope[key])
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"the rope scaling's {key}={rope[key]!r} in config.json is not a number"
+            ) from None
+
+    common = dict(type=rope_type, factor=number("factor"))
+    common["original_max_seq_len"] = int(number("original_max_position_embeddings"))
     if rope_type == "llama3":
         return RopeScalingConfig(
-            **common,
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
+            **common, low_freq_factor=number("low_freq_factor"), high_freq_factor=number("high_freq_factor")
         )
     if rope.get("attention_factor") is not None or rope.get("truncate", True) is False:
         raise ConfigError("yarn with attention_factor or truncate=false is not supported")
     return RopeScalingConfig(
         **common,
-        beta_fast=float(rope.get("beta_fast") or 32),
-        beta_slow=float(rope.get("beta_slow") or 1),
-        mscale=float(rope.get("mscale") or 0),
-        mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
+        beta_fast=number("beta_fast", 32.0),
+        beta_slow=number("beta_slow", 1.0),
+        mscale=number("mscale", 0.0),
+        mscale_all_dim=number("mscale_all_dim", 0.0),
     )
 
 

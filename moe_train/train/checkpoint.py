@@ -15,7 +15,9 @@ the engine that wrote it (config.yaml says which).
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
+import operator
 import os
 import re
 import shutil
@@ -35,7 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
-from moe_train.config import Config, ConfigError
+from moe_train.config import Config, ConfigError, ModelConfig
 from moe_train.parallel.expert_parallel import expert_shards_to_dtensors
 from moe_train.parallel.topology import Topology
 
@@ -133,15 +135,24 @@ class _AlreadyStaged(AsyncStager):
 def dcp_load(state: dict, path: Path, topology: Topology | None, weights_only: bool = False) -> dict:
     """Load `state` in place from a DCP checkpoint, presenting expert shards as DTensors; a load
     that does not fit this model becomes one line naming the first mismatch. Routing biases the
-    checkpoint lacks keep their zeros; with `weights_only` (a fresh optimizer) so do multi-token
-    prediction modules it lacks, which keep their initialisation."""
+    checkpoint lacks keep their zeros. With `weights_only` (a new run, a fresh optimizer) whole
+    multi-token prediction depths may differ: the model's that the checkpoint lacks keep their
+    initialisation, the checkpoint's that the model lacks are left out."""
     distributed = topology is not None and topology.distributed
     try:
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        _refuse_weights_model_lacks(stored, state, weights_only)
-        absent = _fresh_tensors_absent_from(stored, state, weights_only)
-        if any(k.startswith("mtp.") for k in absent):
-            log.info("%s has no multi-token prediction modules: they start from their initialisation", path)
+        model = state.get("model", {})
+        new_depths, dropped_depths = _mtp_depths(model) - _mtp_depths(stored), set()
+        if weights_only:
+            dropped_depths = _mtp_depths(stored) - _mtp_depths(model)
+            _log_depths(path, new_depths, dropped_depths)
+        _refuse_weights_model_lacks(stored, model, dropped_depths)
+        absent = {
+            k: model.pop(k)
+            for k in list(model)
+            if f"model.{k}" not in stored
+            and (k.endswith("router.expert_bias") or (weights_only and _depth_of(k) in new_depths))
+        }
         if topology is not None:
             state = expert_shards_to_dtensors(state, topology)
         dcp.load(state, checkpoint_id=path, no_dist=not distributed)
@@ -149,20 +160,44 @@ def dcp_load(state: dict, path: Path, topology: Topology | None, weights_only: b
         raise ConfigError(f"cannot load checkpoint {path} into this model: {_reason(e)}") from e
     if topology is not None:
         state = expert_shards_to_dtensors(state, topology, inverse=True)
-    state["model"].update(absent)
+    state["model"].update(absent)  # the routing biases and depths that start fresh
     return state
 
 
-def _refuse_weights_model_lacks(stored: dict, state: dict, weights_only: bool) -> None:
+def _depth_of(key: str) -> int | None:
+    """The multi-token prediction depth a state-dict key (with or without "model.") belongs to."""
+    parts = key.removeprefix("model.").split(".", 2)
+    return int(parts[1]) if parts[0] == "mtp" else None
+
+
+def _mtp_depths(keys) -> set[int]:
+    return {d for d in map(_depth_of, keys) if d is not None}
+
+
+def _log_depths(path: Path, new: set[int], dropped: set[int]) -> None:
+    if new:
+        log.info("multi-token prediction depths %s are not in %s: they start from their initialisation",
+                 sorted(new), path)  # fmt: skip
+    if dropped:
+        log.info(
+            "multi-token prediction depths %s of %s are left out (model.mtp.num_layers)",
+            sorted(dropped),
+            path,
+        )
+
+
+def _refuse_weights_model_lacks(stored: dict, model: dict, dropped_depths: set[int]) -> None:
     """DCP loads the keys the model asks for and ignores the rest: a checkpoint of a deeper model,
-    say, would load into a shallower one without a word. Refuse that, except, with `weights_only`,
-    for multi-token prediction modules the new run has turned off. `stored`: the checkpoint's keys
-    (its metadata)."""
-    ours = {f"model.{k}" for k in state.get("model", {})}
-    extra = sorted(k for k in stored if k.startswith("model.") and k not in ours)
-    if weights_only and any(k.startswith("model.mtp.") for k in extra):
-        log.info("the checkpoint's multi-token prediction modules beyond model.mtp.num_layers are left out")
-        extra = [k for k in extra if not k.startswith("model.mtp.")]
+    say, would load into a shallower one without a word. Refuse that, except for the whole
+    multi-token prediction depths a new run leaves out. `stored`: the checkpoint's keys (its
+    metadata)."""
+    extra = sorted(
+        k
+        for k in stored
+        if k.startswith("model.")
+        and k.removeprefix("model.") not in model
+        and _depth_of(k) not in dropped_depths
+    )
     if extra:
         raise ConfigError(
             f"it holds {len(extra)} model tensors this model lacks, e.g. {extra[0].removeprefix('model.')} "
@@ -170,19 +205,49 @@ def _refuse_weights_model_lacks(stored: dict, state: dict, weights_only: bool) -
         )
 
 
-def _fresh_tensors_absent_from(stored: dict, state: dict, weights_only: bool) -> dict:
-    """Takes out of state["model"], and returns, what may start fresh where the checkpoint lacks
-    it: the routing biases (auxiliary-loss-free balancing turned on after the checkpoint was
-    written) keep their zeros; with `weights_only`, multi-token prediction modules (added to a
-    model that had none, e.g. an imported one) keep their initialisation."""
-    model = state.get("model", {})
-    absent = [k for k in model if f"model.{k}" not in stored]
-    if not weights_only and any(k.startswith("mtp.") for k in absent):
-        raise ConfigError(
-            "it has no multi-token prediction modules for model.mtp.num_layers: add them in a new run "
-            "started from it (trainer.init_from, a fresh optimizer), not by resuming"
-        )
-    return {k: model.pop(k) for k in absent if k.endswith("router.expert_bias") or k.startswith("mtp.")}
+# the model.* settings a checkpoint's tensors are shaped by (the rest may change on resume)
+ARCHITECTURE = (
+    "vocab_size",
+    "dim",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "ffn_hidden_dim",
+    "tie_embeddings",
+    "moe.num_experts",
+    "moe.num_shared_experts",
+    "moe.expert_hidden_dim",
+    "moe.first_k_dense",
+    "moe.every_n_layers",
+    "mla.kv_lora_rank",
+    "mla.q_lora_rank",
+    "mla.qk_nope_head_dim",
+    "mla.qk_rope_head_dim",
+    "mla.v_head_dim",
+    "mtp.num_layers",
+)
+
+
+def check_same_architecture(path: Path, model: ModelConfig) -> None:
+    """Resuming keeps the architecture: a checkpoint whose config.yaml differs in a setting that
+    shapes its tensors is refused, naming it (no other checkpoint of that run fits either). A
+    config.yaml that cannot be read is left to the load, which says so."""
+    try:
+        saved = load_config(path).model
+    except ConfigError:
+        return
+    for key in ARCHITECTURE:
+        theirs, ours = operator.attrgetter(key)(saved), operator.attrgetter(key)(model)
+        if theirs != ours:
+            hint = (
+                ", or add or drop depths in a new run started from it (trainer.init_from)"
+                if key == "mtp.num_layers"
+                else ""
+            )
+            raise ConfigError(
+                f"checkpoint {path} has model.{key}={json.dumps(theirs)} but this run asks for "
+                f"model.{key}={json.dumps(ours)}: resume with the checkpoint's value{hint}"
+            )
 
 
 def load_weights(path: str | Path, model: nn.Module, topology: Topology | None = None) -> None:

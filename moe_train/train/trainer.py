@@ -22,7 +22,7 @@ from moe_train.model.moe import MoE
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.topology import Topology
 from moe_train.train.callbacks import Callback, default_callbacks
-from moe_train.train.checkpoint import Checkpointer, Progress, load_weights
+from moe_train.train.checkpoint import Checkpointer, Progress, check_same_architecture, load_weights
 from moe_train.train.engine import NativeEngine
 from moe_train.train.metrics import peak_flops
 from moe_train.train.optim import lr_at
@@ -117,6 +117,7 @@ class Trainer:
             return
         path = latest if t.resume == "auto" else Path(t.resume)
         if path is not None:
+            check_same_architecture(path, self.config.model)
             try:
                 self.progress = self.checkpointer.load(path, self.engine)
             except ConfigError as e:
@@ -150,6 +151,12 @@ class Trainer:
                 "optim.warmup_steps=%d >= trainer.max_steps=%d: the learning rate never reaches optim.lr",
                 self.config.optim.warmup_steps,
                 t.max_steps,
+            )
+        mtp = self.config.model.mtp
+        if mtp.num_layers and not mtp.loss_coef:
+            log.warning(
+                "model.mtp.loss_coef=0: the %d multi-token prediction depths run and learn nothing",
+                mtp.num_layers,
             )
         if self.progress.step >= t.max_steps:
             log.warning(

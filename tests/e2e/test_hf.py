@@ -12,7 +12,7 @@ import torch
 
 from moe_train.config import ConfigError, MLAConfig
 from moe_train.tools.export_hf import export
-from moe_train.tools.hf import to_hf
+from moe_train.tools.hf import from_hf_config, to_hf
 from moe_train.tools.hydra_config import compose_config
 from moe_train.tools.import_hf import import_folder
 from moe_train.train.checkpoint import load_config, load_model, resolve_checkpoint
@@ -197,6 +197,26 @@ def test_a_deepseek_with_yarn_imports_with_the_same_logits_and_exports_back(tmp_
         assert (ours(tokens).logits - deepseek(tokens).logits).abs().max() < 1e-4
     back = export(out, tmp_path / "hf")
     assert transformers.AutoConfig.from_pretrained(back).rope_parameters == rope
+
+
+@pytest.mark.parametrize(
+    "rope,message",
+    [
+        ({"rope_type": "yarn", "factor": "abc", "original_max_position_embeddings": 64},
+         "the rope scaling's factor='abc' in config.json is not a number"),
+        ({"rope_type": "yarn", "factor": 4.0}, "the yarn rope scaling in config.json lacks 'original_max_position_embeddings'"),
+        ({"rope_type": "yarn", "factor": float("inf"), "original_max_position_embeddings": 64},
+         "model.rope_scaling.factor=inf must be a finite number >= 1"),
+        ({"rope_type": "dynamic", "factor": 2.0}, "rope type 'dynamic' is not supported"),
+    ],
+    ids=["not-a-number", "lacks-original", "infinite", "dynamic"],
+)  # fmt: skip
+def test_bad_rope_scaling_in_a_config_json_is_one_line(rope, message):
+    llama = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "rope_parameters": rope}  # fmt: skip
+    with pytest.raises(ConfigError) as error:
+        from_hf_config(llama)
+    assert str(error.value).startswith(message)
 
 
 def test_shared_experts_round_trip_through_qwen2_moe_and_gated_ones_are_refused(tmp_path):

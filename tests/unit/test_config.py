@@ -100,11 +100,20 @@ from moe_train.tools.hydra_config import compose_config
         ),
         (
             lambda: RopeScalingConfig(type="yarn", beta_fast=1.0, beta_slow=32.0),
-            "model.rope_scaling.beta_slow=32.0 must be > 0 and below model.rope_scaling.beta_fast=1.0",
+            "model.rope_scaling.beta_slow=32.0 and beta_fast=1.0 must be finite numbers with 0 < beta_slow "
+            "< beta_fast",
+        ),
+        (
+            lambda: RopeScalingConfig(type="yarn", beta_fast=float("inf")),
+            "model.rope_scaling.beta_slow=1.0 and beta_fast=inf must be finite numbers",
+        ),
+        (
+            lambda: RopeScalingConfig(type="yarn", factor=float("inf")),
+            "model.rope_scaling.factor=inf must be a finite number >= 1",
         ),
         (
             lambda: RopeScalingConfig(type="yarn", mscale_all_dim=-1.0),
-            "model.rope_scaling.mscale_all_dim=-1.0 must be >= 0",
+            "model.rope_scaling.mscale_all_dim=-1.0 must be a finite number >= 0",
         ),
         (
             lambda: RopeScalingConfig(type="llama3", low_freq_factor=4.0, high_freq_factor=1.0),
