@@ -237,7 +237,11 @@ def check_same_architecture(path: Path, model: ModelConfig) -> None:
     except ConfigError:
         return
     for key in ARCHITECTURE:
-        theirs, ours = operator.attrgetter(key)(saved), operator.attrgetter(key)(model)
+        # an unset expert size is the dense FFN's: compare what it resolves to
+        get = (
+            ModelConfig.expert_hidden_dim.fget if key == "moe.expert_hidden_dim" else operator.attrgetter(key)
+        )
+        theirs, ours = get(saved), get(model)
         if theirs != ours:
             hint = (
                 ", or add or drop depths in a new run started from it (trainer.init_from)"
