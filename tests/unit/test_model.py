@@ -206,19 +206,21 @@ def test_forward_shapes_losses_and_tied_embeddings():
     assert dense(torch.randint(0, 256, (1, 8))).aux_loss.item() == 0.0
 
 
+# 2 layers, dim 8, vocab 10, 4 experts of hidden 6, top 2, 1 shared, GQA 2 heads / 1 kv head
+HAND_COUNTED = ModelConfig(
+    vocab_size=10,
+    dim=8,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    ffn_hidden_dim=6,
+    max_seq_len=4,
+    moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1),
+)
+
+
 def test_counts_by_hand():
-    # 2 layers, dim 8, vocab 10, 4 experts of hidden 6, top 2, 1 shared, GQA 2 heads / 1 kv head
-    config = ModelConfig(
-        vocab_size=10,
-        dim=8,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        ffn_hidden_dim=6,
-        max_seq_len=4,
-        moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1),
-    )
-    size = model_size(Transformer(config), seq_len=4)
+    size = model_size(Transformer(HAND_COUNTED), seq_len=4)
     attention = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8  # wq, wk, wv, wo
     expert = 3 * 8 * 6
     per_layer = attention + 4 * expert + expert + 4 * 8 + 2 * 8  # routed, shared, router, 2 norms
@@ -234,18 +236,8 @@ def test_counts_by_hand():
 def test_counts_by_hand_with_multi_token_prediction():
     # the model above plus one MTP depth: two input norms, the [embedding; hidden] projection, one
     # more (MoE) block and its final norm; the output head runs once more per token
-    base = ModelConfig(
-        vocab_size=10,
-        dim=8,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        ffn_hidden_dim=6,
-        max_seq_len=4,
-        moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1),
-    )
-    without = model_size(Transformer(base), seq_len=4)
-    size = model_size(Transformer(replace(base, mtp=MTPConfig(num_layers=1))), seq_len=4)
+    without = model_size(Transformer(HAND_COUNTED), seq_len=4)
+    size = model_size(Transformer(replace(HAND_COUNTED, mtp=MTPConfig(num_layers=1))), seq_len=4)
     attention = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8
     expert = 3 * 8 * 6
     block = attention + 4 * expert + expert + 4 * 8 + 2 * 8
