@@ -52,7 +52,7 @@ def worker(rank: int, overrides: list[str], warmup: int, steps: int, result_dir:
         path = trainer.checkpointer.save(config, trainer.engine, trainer.progress)
         saves.append(time.perf_counter() - start)
         start = time.perf_counter()
-        trainer.checkpointer.load(path, trainer.engine)
+        trainer.checkpointer.load(path, trainer.engine, trainer.config.model)
         loads.append(time.perf_counter() - start)
     # in the background (trainer.async_checkpoint): how long save() holds training, and how much
     # slower the next steps run while the files are written

@@ -238,10 +238,10 @@ def _rope_parameters(config: ModelConfig) -> dict:
             "high_freq_factor": scaling.high_freq_factor,
         }
     yarn = {**common, "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow}
-    if scaling.mscale and scaling.mscale_all_dim:
-        yarn.update(mscale=scaling.mscale, mscale_all_dim=scaling.mscale_all_dim)
-    elif scaling.mscale_all_dim:  # MLA's softmax scale
-        yarn.update(mscale_all_dim=scaling.mscale_all_dim)
+    if scaling.mscale_all_dim:  # mscale counts only beside it (as in transformers)
+        yarn["mscale_all_dim"] = scaling.mscale_all_dim
+        if scaling.mscale:
+            yarn["mscale"] = scaling.mscale
     return yarn
 
 

@@ -142,16 +142,16 @@ def dcp_load(state: dict, path: Path, topology: Topology | None, weights_only: b
     try:
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         model = state.get("model", {})
-        new_depths, dropped_depths = _mtp_depths(model) - _mtp_depths(stored), set()
+        new_depths = dropped_depths = set()
         if weights_only:
+            new_depths = _mtp_depths(model) - _mtp_depths(stored)
             dropped_depths = _mtp_depths(stored) - _mtp_depths(model)
             _log_depths(path, new_depths, dropped_depths)
         _refuse_weights_model_lacks(stored, model, dropped_depths)
         absent = {
             k: model.pop(k)
             for k in list(model)
-            if f"model.{k}" not in stored
-            and (k.endswith("router.expert_bias") or (weights_only and _depth_of(k) in new_depths))
+            if f"model.{k}" not in stored and (k.endswith("router.expert_bias") or _depth_of(k) in new_depths)
         }
         if topology is not None:
             state = expert_shards_to_dtensors(state, topology)
@@ -228,14 +228,13 @@ ARCHITECTURE = (
 )
 
 
-def check_same_architecture(path: Path, model: ModelConfig) -> None:
-    """Resuming keeps the architecture: a checkpoint whose config.yaml differs in a setting that
-    shapes its tensors is refused, naming it (no other checkpoint of that run fits either). A
-    config.yaml that cannot be read is left to the load, which says so."""
-    try:
-        saved = load_config(path).model
-    except ConfigError:
-        return
+class CheckpointMismatch(ConfigError):
+    """The checkpoint is not this run's kind (another engine, another architecture): unlike a
+    damaged one, no other checkpoint of the same run would fit either."""
+
+
+def _refuse_other_architecture(path: Path, saved: ModelConfig, model: ModelConfig) -> None:
+    """Resuming keeps the architecture: name the first setting that shapes a tensor and differs."""
     for key in ARCHITECTURE:
         # an unset expert size is the dense FFN's: compare what it resolves to
         get = (
@@ -248,7 +247,7 @@ def check_same_architecture(path: Path, model: ModelConfig) -> None:
                 if key == "mtp.num_layers"
                 else ""
             )
-            raise ConfigError(
+            raise CheckpointMismatch(
                 f"checkpoint {path} has model.{key}={json.dumps(theirs)} but this run asks for "
                 f"model.{key}={json.dumps(ours)}: resume with the checkpoint's value{hint}"
             )
@@ -449,20 +448,23 @@ class Checkpointer:
         log.info("saved %s", final)
         return final
 
-    def load(self, path: Path, engine) -> Progress:
-        """Restore the engine's state (model, optimizer), data position and RNG in place."""
+    def load(self, path: Path, engine, model: ModelConfig) -> Progress:
+        """Restore the engine's state (model, optimizer), data position and RNG in place. A
+        checkpoint of another engine or architecture (`model`: this run's) is a CheckpointMismatch."""
         if not is_complete(path):
             raise ConfigError(
                 f"trainer.resume={path} is not a complete checkpoint "
                 "(a step_XXXXXXXX folder with config.yaml)"
             )
-        written_by = load_config(path).engine.name
+        saved = load_config(path)
+        written_by = saved.engine.name
         if written_by != engine.name:
-            raise ConfigError(
+            raise CheckpointMismatch(
                 f"checkpoint {path} was written by engine={written_by} and this run uses "
                 f"engine={engine.name}; resume with engine={written_by}, "
                 f"or start from its weights with trainer.init_from={path}"
             )
+        _refuse_other_architecture(path, saved.model, model)
         try:
             state = engine.load(path, _progress_state(Progress()))
         except ConfigError:

@@ -22,7 +22,7 @@ from moe_train.model.moe import MoE
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.topology import Topology
 from moe_train.train.callbacks import Callback, default_callbacks
-from moe_train.train.checkpoint import Checkpointer, Progress, check_same_architecture, load_weights
+from moe_train.train.checkpoint import Checkpointer, CheckpointMismatch, Progress, load_weights
 from moe_train.train.engine import NativeEngine
 from moe_train.train.metrics import peak_flops
 from moe_train.train.optim import lr_at
@@ -117,10 +117,11 @@ class Trainer:
             return
         path = latest if t.resume == "auto" else Path(t.resume)
         if path is not None:
-            check_same_architecture(path, self.config.model)
             try:
-                self.progress = self.checkpointer.load(path, self.engine)
-            except ConfigError as e:
+                self.progress = self.checkpointer.load(path, self.engine, self.config.model)
+            except CheckpointMismatch:  # another run's kind: its older checkpoints do not fit either
+                raise
+            except ConfigError as e:  # damaged: an older checkpoint may be intact
                 older = [p for p in self.checkpointer.complete() if p != path]
                 if t.resume != "auto" or not older:
                     raise

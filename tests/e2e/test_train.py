@@ -389,7 +389,8 @@ def test_init_from_can_add_multi_token_prediction_and_drop_it_again(tmp_path, ti
     initialisation. And off again: the checkpoint's depth is left out. Resuming a run is stricter."""
     base = [o for o in tiny_overrides if not o.startswith("trainer.out_dir")]
     short = ["trainer.max_steps=2", "trainer.num_samples=0", "trainer.eval_every=0"]
-    train([*base, *short, f"trainer.out_dir={tmp_path / 'plain'}"])
+    # two checkpoints: refusing to resume with other depths must not point to the older one
+    train([*base, *short, "trainer.ckpt_every=1", f"trainer.out_dir={tmp_path / 'plain'}"])
     with_mtp = train(
         [*base, *short, f"trainer.init_from={tmp_path / 'plain'}", "model.mtp.num_layers=1",
          f"trainer.out_dir={tmp_path / 'mtp'}"]
