@@ -15,6 +15,13 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake: the message names the key and what is allowed."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (or its type's name): how a library's error is quoted
+    in our one-line messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
