@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from moe_train.config import Config, ConfigError
+from moe_train.config import Config, ConfigError, first_line
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -47,7 +47,7 @@ def _one_line(error: BaseException) -> str:
     cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
     key = getattr(cause, "full_key", None)
     if key and str(cause).strip():
-        return f"{key}: {str(cause).strip().splitlines()[0]}"
+        return f"{key}: {first_line(cause)}"
     return " ".join(str(error).split()) or type(error).__name__
 
 
@@ -60,7 +60,7 @@ def to_config(cfg: DictConfig) -> Config:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
         unknown = _unknown_key(cfg, config)
         if unknown:
-            raise ConfigError(f"{unknown}: no such key in the schema (moe_train/config.py)")
+            raise ConfigError(f"{unknown}: no such key in the schema (moe_train/config/)")
         return config
     except ConfigError:
         raise

@@ -1,0 +1,88 @@
+"""The typed configuration tree that Hydra composes into (`moe_train/tools/hydra_config.py`), with
+validation: every check raises `ConfigError` naming the key. Nothing here imports hydra. The root
+`Config` lives here because its checks span the model and the run's sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_train.config.checks import ConfigError, check, first_line
+from moe_train.config.model import MLAConfig, ModelConfig, MoEConfig, MTPConfig, RopeScalingConfig
+from moe_train.config.training import (
+    DataConfig,
+    EngineConfig,
+    LoggingConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainerConfig,
+    WandbConfig,
+    check_zero_stage,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EngineConfig",
+    "LoggingConfig",
+    "MLAConfig",
+    "MTPConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RopeScalingConfig",
+    "TrainerConfig",
+    "WandbConfig",
+    "check_zero_stage",
+    "first_line",
+]
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        check(
+            self.data.seq_len <= self.model.max_seq_len,
+            f"data.seq_len={self.data.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}",
+        )
+        check(
+            self.data.seq_len > self.model.mtp.num_layers,
+            f"data.seq_len={self.data.seq_len} leaves no position for multi-token prediction depth "
+            f"{self.model.mtp.num_layers} (model.mtp.num_layers must be below data.seq_len)",
+        )
+        moe = self.model.moe
+        if moe.num_experts:
+            check(
+                self.parallel.ep <= moe.num_experts,
+                f"parallel.ep={self.parallel.ep} is larger than model.moe.num_experts={moe.num_experts}: "
+                "every expert-parallel rank needs at least one expert",
+            )
+            check(
+                moe.num_experts % self.parallel.ep == 0,
+                f"model.moe.num_experts={moe.num_experts} must be divisible by "
+                f"parallel.ep={self.parallel.ep}",
+            )
+            check(
+                not (moe.device_aux_loss_coef and moe.num_expert_groups == 1 and self.parallel.ep > 1),
+                f"model.moe.device_aux_loss_coef={moe.device_aux_loss_coef} balances groups of experts, but "
+                f"model.moe.num_expert_groups=1 makes one group: set it to parallel.ep={self.parallel.ep} "
+                "(one group per device)",
+            )
+        else:
+            check(self.parallel.ep == 1, f"parallel.ep={self.parallel.ep} needs an MoE model (ep=1)")
+        chunks = self.parallel.ep_overlap_chunks
+        if chunks > 1:
+            key = f"parallel.ep_overlap_chunks={chunks}"
+            check(
+                self.parallel.ep > 1,
+                f"{key} overlaps the expert-parallel all-to-all: it needs parallel.ep > 1",
+            )
