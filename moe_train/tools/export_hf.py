@@ -5,7 +5,7 @@
 Dense models become Llama, MoE models Mixtral, or Qwen2-MoE where Mixtral cannot express them
 (shared experts, unrenormalised top-k, dense layers); models with multi-head latent attention
 DeepSeek-V3 (sigmoid routing, with any multi-token prediction modules) or DeepSeek-V2 (softmax).
-See moe_train/tools/hf.py. The folder loads with `AutoModelForCausalLM.from_pretrained(OUT_DIR)`
+See moe_train/tools/hf/. The folder loads with `AutoModelForCausalLM.from_pretrained(OUT_DIR)`
 and gives our logits. It is written aside and renamed, so an interrupted export leaves no folder
 that looks complete. A capacity factor used in training is a training-time token budget: the
 exported model routes dropless.
