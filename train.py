@@ -13,12 +13,13 @@ import logging
 import sys
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from moe_train.config import ConfigError
 from moe_train.parallel.topology import launcher_env
-from moe_train.tools.cli import exit_on_config_error
+from moe_train.tools.cli import exit_on_config_error, retain_freed_memory
 from moe_train.tools.hydra_config import apply_init_from, compose_config, register_schema, to_config
 from moe_train.train.trainer import Diverged, run
 
@@ -27,6 +28,8 @@ from moe_train.train.trainer import Diverged, run
 def main(cfg: DictConfig) -> None:
     try:
         config = to_config(apply_init_from(cfg, list(HydraConfig.get().overrides.task)))
+        if config.trainer.device == "cpu" or not torch.cuda.is_available():
+            retain_freed_memory()
         run(config)
     except ConfigError as e:
         exit_on_config_error(e)

@@ -1,13 +1,12 @@
 """Expert-parallel scaling of one MoE layer, forward and backward, on CPU processes (gloo).
 
     python -m bench.expert_parallel [--shape mixtral|deepseekmoe] [--tokens 2048] [--eps 1 2 4]
-                                    [--overlap-chunks 1 2 4] [--topk-groups 1]
+                                    [--topk-groups 1]
 
 Shapes (bench.moe_layer's, width / 8): mixtral, 8 experts top-2; deepseekmoe, 64 fine-grained
 experts top-6 plus 2 shared. Each rank routes its own `tokens`; at ep > 1 every layer call moves
-rows with all_to_all_single, also with parallel.ep_overlap_chunks = 2, 4 (chunked exchanges
-overlapped with expert compute); with --topk-groups M, group-limited routing over ep groups (one
-per rank) at every ep > M. Reports global tokens/s, rows sent per token (a token goes once to each
+rows with all_to_all_single; with --topk-groups M, group-limited routing over ep groups (one per
+rank) at every ep > M. Reports global tokens/s, rows sent per token (a token goes once to each
 rank holding any of its experts: between 1 and min(top_k, ep)), bytes each rank sends to other
 ranks per call (forward + backward: counts, assignments, router weights, tokens, expert outputs and
 their gradients) and the share of the call spent waiting for all-to-all. On a 2-core machine ep=4
@@ -34,41 +33,43 @@ SHAPES = {  # bench.moe_layer's, width / 8
 
 
 def rank_main(
-    rank: int, ep: int, chunks: int, shape: dict, topk_groups: int, tokens: int, repeat: int, result_dir: str
+    rank: int, ep: int, shape: dict, topk_groups: int, tokens: int, repeat: int, result_dir: str
 ) -> None:
     import torch.distributed as dist
 
     import moe_train.parallel.expert_parallel as expert_parallel
-    from moe_train.config import ParallelConfig
+    from moe_train.config import MoEConfig, ParallelConfig
     from moe_train.model.moe import MoE
     from moe_train.parallel.topology import Topology
+    from moe_train.tools.cli import retain_freed_memory
 
+    retain_freed_memory()  # as train.py does on a CPU
     topology = Topology.setup(ParallelConfig(ep=ep), "cpu")
     torch.manual_seed(0)
     groups = dict(num_expert_groups=ep, topk_groups=topk_groups) if ep > topk_groups > 0 else {}
-    layer = MoE(shape["dim"], shape["hidden"], shape["experts"], shape["top_k"], shape["shared"], **groups)
-    expert_parallel.apply_expert_parallel(layer, topology, chunks)
+    config = MoEConfig(
+        num_experts=shape["experts"], top_k=shape["top_k"], num_shared_experts=shape["shared"], **groups
+    )
+    layer = MoE(config, shape["dim"], shape["hidden"])
+    expert_parallel.apply_expert_parallel(layer, topology)
     torch.manual_seed(rank)
     x = torch.randn(tokens, shape["dim"], requires_grad=True)
 
     stats = {"seconds": 0.0, "bytes": 0, "rows": 0}
-    # every exchange, blocking or overlapped, is a posted all_to_all_single and a wait on it
-    posted_init, posted_wait = expert_parallel._Posted.__init__, expert_parallel._Posted.wait
+    # every exchange is one _all_to_all: count what it sends to other ranks and time it
+    all_to_all = expert_parallel._all_to_all
 
-    def counted_post(self, out, t, output_splits, input_splits, group, what):
+    def counted(t, output_splits, input_splits, group, what):
         me = dist.get_rank(group)
         row_bytes = t[0].numel() * t.element_size() if t.shape[0] else 0
         stats["bytes"] += sum(n for r, n in enumerate(input_splits) if r != me) * row_bytes
-        stats["rows"] += sum(input_splits) if what.startswith("tokens") and "backward" not in what else 0
-        posted_init(self, out, t, output_splits, input_splits, group, what)
-
-    def timed_wait(self):
+        stats["rows"] += sum(input_splits) if what == "tokens" else 0
         start = time.perf_counter()
-        out = posted_wait(self)
+        out = all_to_all(t, output_splits, input_splits, group, what)
         stats["seconds"] += time.perf_counter() - start
         return out
 
-    expert_parallel._Posted.__init__, expert_parallel._Posted.wait = counted_post, timed_wait
+    expert_parallel._all_to_all = counted
 
     def step():
         layer.zero_grad(set_to_none=True)
@@ -101,16 +102,14 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
     parser.add_argument("--eps", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--overlap-chunks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     rows = []
-    layouts = [(ep, c) for ep in args.eps for c in args.overlap_chunks if ep > 1 or c == 1]
-    for ep, chunks in layouts:
+    for ep in args.eps:
         with tempfile.TemporaryDirectory() as result_dir:
             run_ranks(
-                ep, rank_main, ep, chunks, shape, args.topk_groups, args.tokens, args.repeat, result_dir,
+                ep, rank_main, ep, shape, args.topk_groups, args.tokens, args.repeat, result_dir,
                 result_dir=result_dir,
             )  # fmt: skip
             ranks = [json.loads(Path(result_dir, f"rank{r}.json").read_text()) for r in range(ep)]
@@ -118,7 +117,6 @@ def main() -> None:
         rows.append(
             {
                 "ep": ep,
-                "overlap_chunks": chunks,
                 "processes": ep,
                 "tokens_per_rank": args.tokens,
                 "step_ms": step_s * 1e3,

@@ -21,7 +21,7 @@ Contenders, same shapes and (where the layout allows) the same weights, all in o
                 transformer_engine is installed, else SequentialMLP's loop over experts). On a
                 CPU its router's torch.cuda.current_device() calls are answered 'cpu' (OnCPU).
   dense_matmul  plain matrix products with the same FLOPs: the ceiling on this machine
-On a CPU the process runs as our training does (moe_train.parallel.topology.retain_freed_memory:
+On a CPU the process runs as our training does (moe_train.tools.cli.retain_freed_memory:
 large blocks reused, not page-faulted in again each call), for every contender alike.
 Contenders are timed in interleaved rounds (bench.common.time_interleaved); vs_ceiling is the
 median over rounds of the contender's FLOP rate over dense_matmul's in the same round (q1 and q3
@@ -48,8 +48,9 @@ import unittest.mock
 import torch
 
 from bench.common import print_table, time_interleaved, write_json
+from moe_train.config import MoEConfig
 from moe_train.model.moe import MoE
-from moe_train.parallel.topology import retain_freed_memory
+from moe_train.tools.cli import retain_freed_memory
 
 SHAPES = {  # name: (dim, hidden, experts, top_k, shared) at real width
     "mixtral": (4096, 14336, 8, 2, 0),
@@ -69,7 +70,8 @@ def layer_flops(tokens, dim, hidden, experts, top_k, shared) -> float:
 
 def make_layer(dim, hidden, experts, top_k, shared, device) -> MoE:
     torch.manual_seed(0)
-    layer = MoE(dim, hidden, experts, top_k, shared, renormalize=True).to(device)
+    config = MoEConfig(num_experts=experts, top_k=top_k, num_shared_experts=shared, renormalize=True)
+    layer = MoE(config, dim, hidden).to(device)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(std=dim**-0.5)

@@ -20,6 +20,7 @@ import torch
 
 from bench.common import print_table, write_json
 from moe_train.parallel.topology import Topology
+from moe_train.tools.cli import retain_freed_memory
 from moe_train.tools.hydra_config import compose_config
 from moe_train.train.trainer import Trainer
 
@@ -33,6 +34,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         config = compose_config([f"trainer.out_dir={out_dir}", "logging.wandb.mode=disabled", *overrides])
         topology = Topology.setup(config.parallel, config.trainer.device)
+        if topology.device.type == "cpu":
+            retain_freed_memory()  # as train.py does
         trainer = Trainer(config, topology)
         for _ in range(args.warmup):
             trainer.train_step()

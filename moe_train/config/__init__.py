@@ -79,10 +79,3 @@ class Config:
             )
         else:
             check(self.parallel.ep == 1, f"parallel.ep={self.parallel.ep} needs an MoE model (ep=1)")
-        chunks = self.parallel.ep_overlap_chunks
-        if chunks > 1:
-            key = f"parallel.ep_overlap_chunks={chunks}"
-            check(
-                self.parallel.ep > 1,
-                f"{key} overlaps the expert-parallel all-to-all: it needs parallel.ep > 1",
-            )

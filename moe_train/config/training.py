@@ -190,16 +190,9 @@ class ParallelConfig:
     """Expert-parallel degree: each MoE layer's experts are split over this many ranks."""
     timeout_minutes: float = 5.0
     """A collective that waits longer than this fails with an error naming it (no silent hang)."""
-    ep_overlap_chunks: int = 1
-    """> 1: cut each MoE layer's tokens into this many chunks and overlap one chunk's all-to-all
-    with another's expert compute, forward and backward. 1 (default): no overlap; on CPU processes
-    (gloo) overlap measured no faster (bench/expert_parallel.py)."""
 
     def __post_init__(self) -> None:
         check(self.ep >= 1, f"parallel.ep={self.ep} must be >= 1")
-        check(
-            self.ep_overlap_chunks >= 1, f"parallel.ep_overlap_chunks={self.ep_overlap_chunks} must be >= 1"
-        )
         check(self.timeout_minutes > 0, f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
 
 

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from moe_train.config import ModelConfig
 from moe_train.model.layers import FeedForward, attention, rotary_tables
-from moe_train.model.moe import MoE, MoEStats
+from moe_train.model.moe import MoE, MoEStats, is_expert_param
 
 
 class Block(nn.Module):
@@ -24,24 +23,9 @@ class Block(nn.Module):
         self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.attention = attention(config)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        moe = config.moe
         self.ffn: FeedForward | MoE
         if config.is_moe_layer(layer_id):
-            self.ffn = MoE(
-                config.dim,
-                config.expert_hidden_dim,
-                moe.num_experts,
-                moe.top_k,
-                moe.num_shared_experts,
-                moe.renormalize,
-                moe.capacity_factor,
-                expert_bias=moe.bias_update_rate > 0,
-                num_expert_groups=moe.num_expert_groups,
-                score_function=moe.score_function,
-                aux_loss_scope=moe.aux_loss_scope,
-                topk_groups=moe.topk_groups,
-                routed_scaling_factor=moe.routed_scaling_factor,
-            )
+            self.ffn = MoE(config.moe, config.dim, config.expert_hidden_dim)
         else:
             self.ffn = FeedForward(config.dim, config.ffn_hidden_dim)
 
@@ -120,7 +104,6 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(config.rope_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.activation_checkpointing = False
         self.init_weights()
 
     @property
@@ -157,11 +140,6 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def _run(self, module: nn.Module, *args):
-        if self.activation_checkpointing and self.training:
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
-
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         """tokens (B, T) int64 -> ModelOutput. `targets` (B, T), the next tokens, are needed only
         by multi-token prediction: without them (evaluation, generation) it is skipped."""
@@ -170,7 +148,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # (B, T, D)
         all_stats: list[MoEStats] = []
         for block in self.layers:
-            x, stats = self._run(block, x, cos, sin)
+            x, stats = block(x, cos, sin)
             if stats is not None:
                 all_stats.append(stats)
         hidden = self.norm(x)
@@ -183,7 +161,7 @@ class Transformer(nn.Module):
             for k, depth in enumerate(self.mtp, start=1):
                 n = T - k
                 embedded = self.tok_embeddings(targets[:, k - 1 : k - 1 + n])
-                hidden, stats = self._run(depth, hidden[:, :n], embedded, cos[:n], sin[:n])
+                hidden, stats = depth(hidden[:, :n], embedded, cos[:n], sin[:n])
                 if stats is not None:
                     all_stats.append(stats)
                 mtp_losses.append(lm_loss(self.output(hidden), targets[:, k:]))
@@ -232,7 +210,7 @@ def model_size(model: Transformer, seq_len: int) -> ModelSize:
         n = p.numel()
         total += n
         mtp += n if name.startswith("mtp.") else 0
-        if ".experts." in name:
+        if is_expert_param(name):
             n = n * config.moe.top_k // config.moe.num_experts
         active += n
         mtp_active += n if name.startswith("mtp.") else 0

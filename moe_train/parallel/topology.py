@@ -1,16 +1,10 @@
-"""The one object that owns the process layout: world = edp x ep, as a 2-D DeviceMesh.
-
-Mesh axes: `ep` splits each MoE layer's experts (ranks i*ep .. i*ep+ep-1 form one expert-parallel
-group, so they sit on one node when ep <= GPUs per node); `edp` (expert data parallel) joins the
-ranks that hold the same expert shard. Dense parameters are replicated on every rank, so for them
-the whole world is data parallel, and every rank reads its own share of each global batch.
+"""The one object that owns the process layout: world = edp x ep as a 2-D DeviceMesh, the
+process groups with the run's timeout, and the collectives the trainer uses.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +12,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from moe_train.config import ConfigError, ParallelConfig
 
@@ -59,33 +53,33 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def retain_freed_memory() -> None:
-    """CPU training: serve every allocation from glibc's heap and keep what is freed there.
-
-    glibc hands each allocation above 32 MB (its largest mmap threshold) to mmap and unmaps it on
-    free, so a training step page-faults its large activations and gradients in again every time:
-    11 ms per 33 MB tensor on the 2-core machines we measure on, 15-20 % of a mixtral_tiny step
-    (bench/train_e2e.py). With mmap and trimming off, freed blocks are reused; resident memory
-    stays at the step's peak. A no-op where the C library has no mallopt (not glibc).
-    """
-    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
-    if mallopt is not None:
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h
-        mallopt(M_MMAP_MAX, 0)
-        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+def _subgroups(layout: torch.Tensor, timeout: timedelta) -> dist.ProcessGroup:
+    """This rank's group among the rows of `layout` (every rank makes every group, as
+    new_subgroups_by_enumeration needs), with the world's timeout rather than torch's default."""
+    group, _ = dist.new_subgroups_by_enumeration(layout.tolist(), timeout=timeout)
+    return group
 
 
-def _default_timeout_of_later_groups(timeout: timedelta) -> None:
-    """Groups made after the world's (the mesh's edp and ep subgroups, DeepSpeed's expert and
-    data-parallel groups, all through dist.new_group without a timeout) get torch's module-level
-    default, 30 minutes on gloo and 10 on NCCL, not the world's: a rank waiting on a hung peer in
-    one of them would outwait parallel.timeout_minutes. Make that default ours."""
-    dist.distributed_c10d.default_pg_timeout = timeout
-    dist.distributed_c10d.default_pg_nccl_timeout = timeout
+@contextlib.contextmanager
+def default_group_timeout(timeout: timedelta) -> Iterator[None]:
+    """Groups that a library makes without a timeout argument (DeepSpeed's expert and
+    data-parallel groups) get torch's module default, 30 minutes on gloo and 10 on NCCL, not the
+    world's: while it makes them, that default is ours. Our own groups pass theirs."""
+    c10d = dist.distributed_c10d
+    saved = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    try:
+        yield
+    finally:
+        c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = saved
 
 
 @dataclass
 class Topology:
+    """Mesh axes: `ep` splits each MoE layer's experts; `edp` (expert data parallel) joins the
+    ranks that hold the same expert shard. Dense parameters are replicated on every rank, so for
+    them the whole world is data parallel, and every rank reads its own share of each batch."""
+
     world_size: int
     rank: int
     local_rank: int
@@ -106,8 +100,7 @@ class Topology:
                 f"{', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)}"
             )
         device = pick_device(device_kind, local_rank)
-        if device.type == "cpu":
-            retain_freed_memory()
+        timeout = timedelta(minutes=config.timeout_minutes)
         mesh = None
         if world_size > 1:
             backend = "nccl" if device.type == "cuda" else "gloo"
@@ -116,16 +109,14 @@ class Topology:
                     backend,
                     rank=rank,
                     world_size=world_size,
-                    timeout=timedelta(minutes=config.timeout_minutes),
+                    timeout=timeout,
                     device_id=device if device.type == "cuda" else None,
                 )
-            _default_timeout_of_later_groups(timedelta(minutes=config.timeout_minutes))
-            mesh = init_device_mesh(
-                device.type, (world_size // config.ep, config.ep), mesh_dim_names=("edp", "ep")
-            )
-        return cls(
-            world_size, rank, local_rank, config.ep, device, mesh, timedelta(minutes=config.timeout_minutes)
-        )
+            # ranks i*ep .. i*ep+ep-1 form an expert-parallel group (one node when ep <= GPUs per node)
+            layout = torch.arange(world_size).view(world_size // config.ep, config.ep)  # (edp, ep)
+            groups = [_subgroups(layout.T, timeout), _subgroups(layout, timeout)]  # edp, ep
+            mesh = DeviceMesh.from_group(groups, device.type, layout, mesh_dim_names=("edp", "ep"))
+        return cls(world_size, rank, local_rank, config.ep, device, mesh, timeout)
 
     @property
     def is_main(self) -> bool:

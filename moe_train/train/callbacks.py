@@ -1,7 +1,5 @@
 """What happens around each training step: evaluation, metrics, progress, checkpoints, early exit
-(step budget, wall-clock budget, SIGTERM/SIGUSR1 preemption) and the samples printed at the end.
-
-A callback returns True from on_step_end to ask the loop to stop; the ranks agree before stopping.
+(step or time budget, preemption signals) and the samples printed at the end.
 """
 
 from __future__ import annotations
@@ -10,24 +8,51 @@ import logging
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
+from moe_train.config import Config
+from moe_train.data.tokenizer import ByteTokenizer, HFTokenizer
+from moe_train.model import Transformer
 from moe_train.model.generate import generate
 from moe_train.model.moe import dropless
+from moe_train.parallel.topology import Topology
+from moe_train.train.checkpoint import Checkpointer, Progress
+from moe_train.train.engine import Engine
 from moe_train.train.metrics import MetricsWriter
 
-if TYPE_CHECKING:
-    from moe_train.train.trainer import Trainer
-
 log = logging.getLogger(__name__)
+
+
+class Trainer(Protocol):
+    """What callbacks see of the trainer (moe_train/train/trainer.py)."""
+
+    config: Config
+    topology: Topology
+    device: torch.device
+    model: Transformer
+    tokenizer: ByteTokenizer | HFTokenizer
+    engine: Engine
+    checkpointer: Checkpointer
+    progress: Progress
+
+    @property
+    def finished(self) -> bool: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def autocast(self) -> AbstractContextManager: ...
+
 
 SAMPLE_PROMPTS = ("def ", "class ", "import ")
 
 
 class Callback:
+    """A callback returns True from on_step_end to ask the loop to stop; the ranks agree first."""
+
     def on_fit_start(self, trainer: Trainer) -> None:
         pass
 

@@ -1,31 +1,16 @@
-"""engine=deepspeed: the same run with DeepSpeed's ZeRO-1/2 sharding the optimizer states.
-
-What DeepSpeed does here: the optimizer states (and, at stage 2, the gradients) are partitioned
-over the data-parallel ranks, optionally kept on the CPU (ZeRO-Offload), and gradients are reduced
-and clipped by its engine. What stays ours: the model, its expert-parallel all-to-all, the data,
-the schedule, metrics, callbacks and checkpoints.
-
-Expert parameters are marked the way DeepSpeed marks its own MoE layers' (`allreduce=False`,
-`group_name="ep_size_<ep>"`), put in their own optimizer groups, and DeepSpeed's expert groups are
-created from the same rank layout as our (edp, ep) mesh: ZeRO then reduces and partitions expert
-states over the expert-data-parallel ranks and dense states over the world. DeepSpeed (0.19.8,
-pinned) recognises an MoE model only by the class of its MoE layers (its own
-`deepspeed.moe.layer.MoE`), so `_MoEAwareEngine` tells it.
-
-Checkpoints are DCP folders like the native engine's: the model's weights in the same keys (so
-every tool and trainer.init_from read them alike), plus Adam's moments per parameter and, in bf16
-runs, ZeRO's fp32 master weights (in fp32 runs they equal the weights, which restore them), written
-by each rank as the fragments its partition holds (DeepSpeed's own map from a parameter to its
-slice of the partition, the one its universal checkpoints use) and read back into whatever
-fragments another layout gives each rank.
+"""engine=deepspeed: the same run with DeepSpeed's ZeRO-1/2 partitioning the optimizer states
+(and at stage 2 the gradients) over the data-parallel ranks; the model, its expert parallelism,
+data, schedule and DCP checkpoints stay ours (docs/architecture.md says how they meet).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -40,18 +25,24 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
-from moe_train.config import Config, ConfigError, check_zero_stage
-from moe_train.model.moe import MoE
-from moe_train.parallel.data_parallel import is_expert_param
-from moe_train.parallel.topology import Topology
+from moe_train.config import Config, ConfigError, check_zero_stage, first_line
+from moe_train.model.moe import is_expert_param, moe_layers
+from moe_train.parallel.topology import Topology, default_group_timeout
 from moe_train.train.checkpoint import dcp_load, dcp_save
-from moe_train.train.engine import tensor_bytes
+from moe_train.train.engine import Engine, tensor_bytes
 from moe_train.train.optim import param_groups
 
-logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown our metrics
-# ZeRO's fragments go to DCP as ShardedTensors (DTensor cannot hold uneven 1-D fragments); torch
-# 2.13 (pinned) reads them with a deprecation notice on every load
-warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
+
+@contextlib.contextmanager
+def _sharded_tensors_quietly() -> Iterator[None]:
+    """ZeRO's fragments go to DCP as ShardedTensors (DTensor cannot hold uneven 1-D fragments);
+    torch 2.13 (pinned) warns that they are deprecated each time it writes or reads them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Please use DTensor instead and we are deprecating ShardedTensor"
+        )
+        yield
+
 
 # Keys of a user's DeepSpeed JSON that our config already sets: they must agree with it.
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -152,34 +143,42 @@ def _create_expert_groups(topology: Topology) -> str:
     return name
 
 
-class ZeroEngine:
-    """DeepSpeed's engine driven like the native one: backward per micro-batch, step per batch."""
+class ZeroEngine(Engine):
+    """DeepSpeed's engine driven like the native one: backward per micro-batch, step per batch.
+
+    Expert parameters are marked as DeepSpeed marks its own MoE layers' (`allreduce=False`,
+    `group_name="ep_size_<ep>"`) and get their own optimizer groups, and DeepSpeed's expert groups
+    are checked against our (edp, ep) mesh: ZeRO then reduces and partitions expert states over
+    the expert-data-parallel ranks and dense states over the world."""
 
     name = "deepspeed"
 
     def __init__(self, model: nn.Module, config: Config, topology: Topology, micro_batches: int, bf16: bool):
-        _init_distributed(topology)
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown our metrics
         self.topology = topology
         self.config = deepspeed_config(config, micro_batches, bf16)
         expert_params = [p for n, p in model.named_parameters() if is_expert_param(n)]
-        expert_group = _create_expert_groups(topology) if expert_params else None
-        for p in expert_params:  # marked as DeepSpeed marks its own experts (deepspeed.moe.experts)
-            p.allreduce = False
-            p.group_name = expert_group
-        optim_groups = param_groups(model, config.optim)
-        if expert_params:
-            optim_groups = split_params_into_different_moe_groups_for_optimizer(optim_groups)
-        self.engine = _MoEAwareEngine(
-            args=None,
-            model=model,
-            optimizer=self._optimizer(optim_groups, config),
-            config=self.config,
-            config_class=deepspeed.DeepSpeedConfig(self.config),
-            expert_group=expert_group,
-        )
+        with default_group_timeout(topology.timeout):  # DeepSpeed makes its groups without one
+            _init_distributed(topology)
+            expert_group = _create_expert_groups(topology) if expert_params else None
+            for p in expert_params:  # marked as DeepSpeed marks its own experts (deepspeed.moe.experts)
+                p.allreduce = False
+                p.group_name = expert_group
+            optim_groups = param_groups(model, config.optim)
+            if expert_params:
+                optim_groups = split_params_into_different_moe_groups_for_optimizer(optim_groups)
+            self.engine = _MoEAwareEngine(
+                args=None,
+                model=model,
+                optimizer=self._optimizer(optim_groups, config),
+                config=self.config,
+                config_class=deepspeed.DeepSpeedConfig(self.config),
+                expert_group=expert_group,
+            )
         self.optimizer = self.engine.optimizer
         self.micro_batches = micro_batches
         self._micro = 0
+        self._pre_step_hooks: list[Callable[[], None]] = []
         for module in model.modules():  # a bf16 engine casts buffers too; the routing bias stays fp32
             if getattr(module, "expert_bias", None) is not None:
                 module.expert_bias = module.expert_bias.float()
@@ -196,7 +195,7 @@ class ZeroEngine:
         except Exception as err:  # noqa: BLE001 - the op's build fails in many ways
             raise ConfigError(
                 "engine.offload_optimizer=true needs DeepSpeed's CPU Adam (the cpu_adam op), which could "
-                f"not be built here: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}"
+                f"not be built here: {first_line(err)}"
             ) from None
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -206,8 +205,15 @@ class ZeroEngine:
         if self._micro < self.micro_batches:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-batch
 
+    def register_step_pre_hook(self, hook: Callable[[], None]) -> None:
+        self._pre_step_hooks.append(hook)
+
     def step(self, lr: float) -> float:
-        """The optimizer step at the end of the batch; returns the gradient norm before clipping."""
+        """The optimizer step at the end of the batch; returns the gradient norm before clipping.
+        The pre-step hooks run before it (ZeRO calls its inner optimizer once per parameter group,
+        so they cannot hang off that)."""
+        for hook in self._pre_step_hooks:
+            hook()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
@@ -285,7 +291,8 @@ class ZeroEngine:
     def save(self, folder: Path, progress: dict, background: bool = False) -> Future | None:
         # the master weights only where they are not the weights: a quarter of an fp32 run's checkpoint
         master = next(self.engine.module.parameters()).dtype != torch.float32
-        return dcp_save(self._state(progress, master), folder, self.topology, background)
+        with _sharded_tensors_quietly():
+            return dcp_save(self._state(progress, master), folder, self.topology, background)
 
     def load(self, folder: Path, progress: dict) -> dict:
         """Restore weights, master weights and moments in place at any layout (world size, ep, ZeRO
@@ -293,7 +300,8 @@ class ZeroEngine:
         run's) restores them from its fp32 weights."""
         saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
         master = any(k.startswith("optim.fp32.") for k in saved)  # a bf16 run's checkpoint
-        state = dcp_load(self._state(progress, master), folder, self.topology)
+        with _sharded_tensors_quietly():
+            state = dcp_load(self._state(progress, master), folder, self.topology)
         self.engine.module.load_state_dict(state["model"])
         if not master:
             self._master_from(state["model"])
@@ -322,10 +330,6 @@ def _is_cpu_adam(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer).__name__ == "DeepSpeedCPUAdam"
 
 
-def _moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
-
-
 class _MoEAwareEngine(deepspeed.runtime.engine.DeepSpeedEngine):
     """DeepSpeed's engine, told that our MoE layers are MoE layers (an override of one DeepSpeed
     0.19 method): it recognises only its own MoE class."""
@@ -338,4 +342,4 @@ class _MoEAwareEngine(deepspeed.runtime.engine.DeepSpeedEngine):
         super()._configure_distributed_model(model)
         if self._expert_group:  # DeepSpeed finds MoE layers by class; its ZeRO optimizer is built next
             self.has_moe_layers = True
-            self.num_experts = [m.num_experts for _, m in _moe_layers(self.module)]
+            self.num_experts = [m.num_experts for m in moe_layers(self.module)]

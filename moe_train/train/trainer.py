@@ -1,7 +1,5 @@
-"""The training loop: build everything from the config, resume, step, and hand off to callbacks.
-
-Evaluation, logging, checkpointing, samples and early exits hang off callbacks
-(moe_train/train/callbacks.py), so the loop itself stays a few lines.
+"""The training loop: resume, step, and hand off to callbacks (evaluation, logging, checkpoints,
+samples, early exits: moe_train/train/callbacks.py), so the loop itself stays a few lines.
 """
 
 from __future__ import annotations
@@ -15,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from moe_train.config import Config, ConfigError, TrainerConfig
+from moe_train.config import Config, ConfigError, ModelConfig, TrainerConfig
 from moe_train.data import build_datasets
 from moe_train.model import Transformer, lm_loss, model_size
-from moe_train.model.moe import MoE
-from moe_train.parallel.expert_parallel import apply_expert_parallel
+from moe_train.parallel.parallelize import parallelize
 from moe_train.parallel.topology import Topology
 from moe_train.train.callbacks import Callback, default_callbacks
 from moe_train.train.checkpoint import Checkpointer, CheckpointMismatch, Progress, load_weights
-from moe_train.train.engine import NativeEngine
+from moe_train.train.engine import Engine
+from moe_train.train.expert_load import ExpertLoad
 from moe_train.train.metrics import peak_flops
 from moe_train.train.optim import lr_at
 
@@ -53,10 +51,37 @@ def batch_layout(t: TrainerConfig, ranks: int) -> TrainerConfig:
     return t
 
 
+def vocab_layout(model: ModelConfig, vocab_size: int) -> ModelConfig:
+    """model with its vocabulary resolved (null: the tokenizer's, recorded in checkpoints'
+    config.yaml) and checked against the tokenizer's."""
+    if model.vocab_size is None:
+        return dataclasses.replace(model, vocab_size=vocab_size)
+    if vocab_size > model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({vocab_size}); leave it unset to follow the tokenizer"
+        )
+    return model
+
+
+def build_engine(
+    model: Transformer, config: Config, topology: Topology, micro_batches: int, bf16: bool
+) -> Engine:
+    if config.engine.name == "deepspeed":  # imported only when asked for (DeepSpeed is slow to import)
+        from moe_train.train.deepspeed_engine import ZeroEngine
+
+        return ZeroEngine(model, config, topology, micro_batches, bf16=bf16)
+    from moe_train.train.native_engine import NativeEngine
+
+    return NativeEngine(model, config, topology, micro_batches)
+
+
 class Trainer:
+    """Builds the run from its config (the caller's config is left as it is: the resolved one is
+    `trainer.config`) and trains it."""
+
     def __init__(self, config: Config, topology: Topology):
         config = dataclasses.replace(config, trainer=batch_layout(config.trainer, topology.world_size))
-        self.config = config
         self.topology = topology
         t = config.trainer
         self.micro_batches_per_step = t.global_batch_size // (t.micro_batch_size * topology.world_size)
@@ -69,31 +94,18 @@ class Trainer:
 
         datasets = build_datasets(config, topology)
         self.tokenizer, self.train_data, self.val_data = datasets.tokenizer, datasets.train, datasets.val
-        if config.model.vocab_size is None:  # follows the tokenizer; recorded in checkpoints' config
-            config.model.vocab_size = self.tokenizer.vocab_size
-        elif self.tokenizer.vocab_size > config.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                f"vocabulary ({self.tokenizer.vocab_size}); leave it unset to follow the tokenizer"
-            )
+        config = dataclasses.replace(config, model=vocab_layout(config.model, self.tokenizer.vocab_size))
+        self.config = config
         self.val_bytes_per_token = self._bytes_per_token(self.val_data.samples(0, self._num_val_samples))
 
         torch.manual_seed(t.seed)  # every rank builds the same full model, then keeps its shard
         self.model = Transformer(config.model)
         self.size = model_size(self.model, config.data.seq_len)
-        apply_expert_parallel(self.model, topology, config.parallel.ep_overlap_chunks)
-        self.model.to(self.device)
-        self.model.activation_checkpointing = t.activation_checkpointing
-        self.routers = [m.router for m in self.model.modules() if isinstance(m, MoE)]  # in layer order
-        if t.compile:  # per block, in place (state-dict keys unchanged); expert dispatch stays eager
-            for block in self.model.blocks:
-                block.compile()
-        if config.engine.name == "deepspeed":  # imported only when asked for (DeepSpeed is slow to import)
-            from moe_train.train.deepspeed_engine import ZeroEngine
-
-            self.engine = ZeroEngine(self.model, config, topology, self.micro_batches_per_step, bf16=bf16)
-        else:
-            self.engine = NativeEngine(self.model, config, topology, self.micro_batches_per_step)
+        parallelize(self.model, t, topology)
+        self.engine = build_engine(self.model, config, topology, self.micro_batches_per_step, bf16)
+        self.expert_load = ExpertLoad(self.model, config.model.moe, topology)
+        if config.model.moe.bias_update_rate:
+            self.engine.register_step_pre_hook(self.expert_load.update_routing_bias)
         self.checkpointer = Checkpointer(t.out_dir, topology, t.keep_last, t.async_checkpoint)
         self.progress = Progress()
         self.peak_flops = peak_flops(self.device)
@@ -200,7 +212,7 @@ class Trainer:
 
         self.model.train()
         losses = torch.zeros(5, device=self.device)  # lm, aux, device aux, z, mtp summed over micro-batches
-        tokens_per_expert = dropped = None
+        self.expert_load.reset()
         for micro in batch.split(t.micro_batch_size):
             micro = micro.to(self.device, non_blocking=True)
             with self.autocast():
@@ -209,11 +221,7 @@ class Trainer:
             other_losses = (out.aux_loss, out.device_aux_loss, out.z_loss, out.mtp_loss)
             self.engine.backward(self._objective(lm, *other_losses))
             losses += torch.stack([lm, *other_losses]).detach()
-            if out.tokens_per_expert is not None:
-                counts = out.tokens_per_expert.float()
-                drops = out.dropped.to(self.device)
-                tokens_per_expert = counts if tokens_per_expert is None else tokens_per_expert + counts
-                dropped = drops if dropped is None else dropped + drops
+            self.expert_load.add(out)
 
         lr = lr_at(self.progress.step, self.config.optim, t.max_steps)
         grad_norm = self.engine.step(lr)
@@ -239,10 +247,7 @@ class Trainer:
         if self.progress.step == 1:  # this rank's optimizer memory, once (it does not change)
             for kind, num_bytes in self.engine.optimizer_state_bytes().items():
                 metrics[f"optimizer_{kind}_mb"] = num_bytes / 2**20
-        if tokens_per_expert is not None:
-            tokens_per_expert, dropped = topo.all_reduce(tokens_per_expert), topo.all_reduce(dropped)
-            self._update_routing_bias(tokens_per_expert)
-            metrics.update(self._expert_metrics(tokens_per_expert, dropped))
+        metrics.update(self.expert_load.metrics())
         elapsed = time.perf_counter() - start_time
         tokens_per_sec = t.global_batch_size * self.config.data.seq_len / elapsed
         metrics["tokens_per_sec"] = tokens_per_sec
@@ -287,27 +292,6 @@ class Trainer:
             + moe.z_loss_coef * z
             + model.mtp.loss_coef * mtp
         )
-
-    def _update_routing_bias(self, tokens_per_expert: torch.Tensor) -> None:
-        """Auxiliary-loss-free balancing (model.moe.bias_update_rate > 0): each router's bias moves
-        from the global batch's counts (L, E), the same on every rank."""
-        rate = self.config.model.moe.bias_update_rate
-        if rate:
-            for router, counts in zip(self.routers, tokens_per_expert):
-                router.update_bias(counts, rate)
-
-    def _expert_metrics(self, tokens_per_expert: torch.Tensor, dropped: torch.Tensor) -> dict:
-        """tokens_per_expert (L, E) and dropped (L,), summed over micro-batches and ranks."""
-        load = tokens_per_expert / tokens_per_expert.sum(dim=1, keepdim=True)  # (L, E)
-        imbalance = load.max(dim=1).values / load.mean(dim=1)  # (L,)
-        dropped_frac = dropped / tokens_per_expert.sum(dim=1)  # (L,)
-        metrics = {}
-        for i, layer in enumerate(self.model.moe_layer_ids):
-            metrics[f"expert_load/layer_{layer}"] = [round(v, 5) for v in load[i].tolist()]
-            metrics[f"load_imbalance/layer_{layer}"] = imbalance[i].item()
-            if self.config.model.moe.capacity_factor is not None:
-                metrics[f"dropped_frac/layer_{layer}"] = dropped_frac[i].item()
-        return metrics
 
     @property
     def _num_val_samples(self) -> int:

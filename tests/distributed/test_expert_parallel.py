@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moe_train.config import ConfigError, ParallelConfig
+from moe_train.model.moe import is_expert_param
 from moe_train.parallel.spawn import RankFailed, run_ranks
 from moe_train.parallel.topology import Topology
 from tests.conftest import TINY
@@ -22,20 +23,11 @@ def test_dispatcher_round_trip(tmp_path, ep):
     assert len(list(tmp_path.glob("rank*.ok"))) == ep
 
 
-@pytest.mark.parametrize(
-    "ep,capacity_factor,overlap_chunks",
-    [(2, None, 1), (4, None, 1), (2, 1.0, 1), (2, None, 3), (4, None, 2), (2, 1.0, 3)],
-)
-def test_moe_layer_matches_single_process(tmp_path, ep, capacity_factor, overlap_chunks):
-    """Ranks route 0, 1, 9 and 30 tokens: with chunks, some chunks are empty on some ranks."""
+@pytest.mark.parametrize("ep,capacity_factor", [(2, None), (4, None), (2, 1.0)])
+def test_moe_layer_matches_single_process(tmp_path, ep, capacity_factor):
+    """Ranks route 0, 1, 9 and 30 tokens: some ranks send or receive nothing."""
     run_ranks(
-        ep,
-        workers.moe_layer_matches_single_process,
-        ep,
-        capacity_factor,
-        tmp_path,
-        overlap_chunks,
-        result_dir=tmp_path,
+        ep, workers.moe_layer_matches_single_process, ep, capacity_factor, tmp_path, result_dir=tmp_path
     )
     assert len(list(tmp_path.glob("rank*.ok"))) == ep
 
@@ -58,7 +50,7 @@ def train_run(tmp_path: Path, name: str, world: int, ep: int, *extra: str, out_d
 def full_params(result_dir: Path, world: int, ep: int) -> dict[str, torch.Tensor]:
     """Rank 0's parameters with the expert shards of ranks 0..ep-1 (one expert-parallel group) joined."""
     shards = [torch.load(result_dir / f"params_rank{r}.pt") for r in range(ep)]
-    return {k: torch.cat([s[k] for s in shards]) if ".experts." in k else v for k, v in shards[0].items()}
+    return {k: torch.cat([s[k] for s in shards]) if is_expert_param(k) else v for k, v in shards[0].items()}
 
 
 def assert_same_run(metrics, params, ref_metrics, ref_params, rtol=1e-5):
@@ -91,11 +83,9 @@ def test_training_matches_single_process(tmp_path, reference_run, world, ep):
     assert_same_run(metrics, params, *reference_run)
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["", "activation-checkpointing"])
-def test_overlapped_all_to_all_matches_single_process(tmp_path, reference_run, recompute):
-    """With activation checkpointing the block, exchanges included, runs again in backward."""
-    overrides = ["parallel.ep_overlap_chunks=3", f"trainer.activation_checkpointing={recompute}"]
-    metrics, params = train_run(tmp_path, "overlap", 2, 2, *overrides)
+def test_activation_checkpointing_at_ep2_matches_single_process(tmp_path, reference_run):
+    """The block, exchanges included, runs again in backward."""
+    metrics, params = train_run(tmp_path, "recompute", 2, 2, "trainer.activation_checkpointing=true")
     assert_same_run(metrics, params, *reference_run)
 
 

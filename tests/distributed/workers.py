@@ -10,29 +10,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_train.config import ParallelConfig
+from moe_train.config import MoEConfig, ParallelConfig
 from moe_train.model.moe import MoE
 from moe_train.parallel import expert_parallel
 from moe_train.parallel.expert_parallel import apply_expert_parallel
-from moe_train.parallel.topology import Topology
+from moe_train.parallel.topology import Topology, default_group_timeout
 
 
 def build_moe(capacity_factor=None, num_experts=8, top_k=2):
     torch.manual_seed(0)
-    moe = MoE(16, 24, num_experts, top_k, num_shared_experts=1, capacity_factor=capacity_factor)
+    config = MoEConfig(
+        num_experts=num_experts, top_k=top_k, num_shared_experts=1, capacity_factor=capacity_factor
+    )
+    moe = MoE(config, dim=16, hidden_dim=24)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return moe
 
 
-def moe_layer_matches_single_process(rank, ep, capacity_factor, result_dir, overlap_chunks=1):
+def moe_layer_matches_single_process(rank, ep, capacity_factor, result_dir):
     """Every rank holds the full layer as a reference; the EP copy must give the same outputs and
     gradients (expert gradients: the reference's summed over all ranks, this rank's slice)."""
     topo = Topology.setup(ParallelConfig(ep=ep), "cpu")
     reference = build_moe(capacity_factor)
     sharded = copy.deepcopy(reference)
-    apply_expert_parallel(sharded, topo, overlap_chunks)
-    assert sharded.dispatcher.overlap_chunks == overlap_chunks
+    apply_expert_parallel(sharded, topo)
     El = 8 // ep
     assert sharded.experts.w13.shape[0] == sharded.experts.w2.shape[0] == El
 
@@ -75,16 +77,16 @@ def round_trip(rank, ep, result_dir):
     torch.manual_seed(rank)
     x = torch.randn(17, 16)
     routing = moe.router(x)
-    routing.weights = torch.full_like(routing.weights, 1 / moe.top_k)
+    routing.weights = torch.full_like(routing.weights, 1 / moe.router.top_k)
     El = 8 // ep
-    received, post_rows = [], expert_parallel._post_rows
+    received, all_to_all = [], expert_parallel._all_to_all
 
     def recording(rows, output_splits, input_splits, group, what):
         if what == "tokens":
             received.append(sum(output_splits))
-        return post_rows(rows, output_splits, input_splits, group, what)
+        return all_to_all(rows, output_splits, input_splits, group, what)
 
-    expert_parallel._post_rows = recording
+    expert_parallel._all_to_all = recording
     seen = []
     for experts in (
         routing.experts,
@@ -92,7 +94,9 @@ def round_trip(rank, ep, result_dir):
         torch.tensor([[7, 6]]).expand(17, 2),
     ):
         routing.experts = experts
-        out, dropped = moe.dispatcher.route(x, routing, lambda rows, counts: seen.append(counts) or rows)
+        rows, counts, handle = moe.dispatcher.dispatch(x, routing)
+        seen.append(counts)
+        out = moe.dispatcher.combine(rows, handle)
         torch.testing.assert_close(out, x)
         counts = torch.bincount(experts.flatten(), minlength=8)
         dist.all_reduce(counts)
@@ -155,10 +159,12 @@ def train_until_signalled(rank, overrides, result_dir):
 
 def peer_hangs_in_a_subgroup(rank, result_dir):
     """World 4 at ep=2. Rank 3 hangs; rank 2 waits on it in the mesh's ep subgroup {2, 3}, rank 0 in a
-    group made later with dist.new_group {0, 3}, as DeepSpeed makes its own: both must time out as
-    the world group does (parallel.timeout_minutes), not after torch's 30-minute default."""
+    group made later with dist.new_group {0, 3} without a timeout, as DeepSpeed makes its own while
+    it is set up: both must time out as the world group does (parallel.timeout_minutes), not after
+    torch's 30-minute default."""
     topo = Topology.setup(ParallelConfig(ep=2, timeout_minutes=0.1), "cpu")
-    later = dist.new_group([0, 3])
+    with default_group_timeout(topo.timeout):
+        later = dist.new_group([0, 3])
     dist.barrier()
     if rank == 3:
         time.sleep(20)  # longer than the 6 s timeout; then it exits on its own

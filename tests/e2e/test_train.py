@@ -428,3 +428,17 @@ def test_init_from_can_add_multi_token_prediction_and_drop_it_again(tmp_path, ti
         train(
             [*base, "trainer.max_steps=4", "model.mtp.num_layers=1", f"trainer.out_dir={tmp_path / 'plain'}"]
         )
+
+
+def test_the_trainer_leaves_the_callers_config_alone(tmp_path, tiny_overrides):
+    """The vocabulary follows the tokenizer and the micro-batch size the layout in the trainer's
+    own config; the caller's keeps its unset values (a second Trainer from it resolves them again)."""
+    config = compose_config([*tiny_overrides, "trainer.micro_batch_size=null"])
+    assert config.model.vocab_size is None
+    topology = Topology.setup(config.parallel, "cpu")
+    try:
+        trainer = Trainer(config, topology)
+    finally:
+        topology.close()
+    assert trainer.config.model.vocab_size == 256 and trainer.config.trainer.micro_batch_size is not None
+    assert config.model.vocab_size is None and config.trainer.micro_batch_size is None

@@ -129,13 +129,6 @@ from moe_train.tools.hydra_config import compose_config
             lambda: MoEConfig(num_experts=8, bias_update_rate=-0.1),
             "model.moe.bias_update_rate=-0.1 must be >= 0",
         ),
-        (lambda: ParallelConfig(ep_overlap_chunks=0), "parallel.ep_overlap_chunks=0 must be >= 1"),
-        (
-            lambda: Config(
-                model=ModelConfig(moe=MoEConfig(num_experts=8)), parallel=ParallelConfig(ep_overlap_chunks=2)
-            ),
-            "parallel.ep_overlap_chunks=2 overlaps the expert-parallel all-to-all: it needs parallel.ep > 1",
-        ),
         (
             lambda: EngineConfig(name="deepspeed", zero_stage=3),
             "engine.zero_stage=3: DeepSpeed does not support ZeRO stage 3 with MoE layers; use stage 1 or 2",

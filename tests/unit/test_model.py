@@ -1,5 +1,6 @@
 """Attention against a naive reference, layer placement, parameter counts against hand and published figures."""
 
+import copy
 import math
 from dataclasses import replace
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from moe_train.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig
 from moe_train.model import Transformer, model_size
 from moe_train.model.layers import Attention, LatentAttention, apply_rotary, rotary_tables
+from moe_train.parallel.parallelize import apply_activation_checkpointing
 from moe_train.tools.hydra_config import compose_config
 from moe_train.tools.inspect import inspect_config
 
@@ -307,18 +309,19 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     )
     torch.manual_seed(0)
     model = Transformer(config)
+    recomputing = copy.deepcopy(model)
+    apply_activation_checkpointing(recomputing)
     tokens = torch.randint(0, 256, (2, 16))
 
-    def loss_and_grads(checkpointing):
-        model.zero_grad()
-        model.activation_checkpointing = checkpointing
+    def loss_and_grads(model):
         out = model(tokens)
         loss = out.logits.logsumexp(-1).mean() + out.aux_loss + out.z_loss
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
-    loss, grads = loss_and_grads(False)
-    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    loss, grads = loss_and_grads(model)
+    loss_ckpt, grads_ckpt = loss_and_grads(recomputing)
+    assert recomputing.state_dict().keys() == model.state_dict().keys()
     assert torch.equal(loss, loss_ckpt)
     for g, g_ckpt in zip(grads, grads_ckpt):
         torch.testing.assert_close(g_ckpt, g)

@@ -7,19 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_train.model.moe import (
-    GroupedExperts,
-    LocalDispatcher,
-    MoE,
-    Routing,
-    TopKRouter,
-    dropless,
-    grouped_mm_dtype,
-    load_balancing_loss,
-    router_z_loss,
-    sequence_balancing_loss,
-    swiglu,
-)
+from moe_train.config import MoEConfig
+from moe_train.model.moe import GroupedExperts, LocalDispatcher, MoE, Routing, TopKRouter, dropless
+from moe_train.model.moe.experts import grouped_mm_dtype, swiglu
+from moe_train.model.moe.router import load_balancing_loss, router_z_loss, sequence_balancing_loss
 
 
 def make_moe(
@@ -34,12 +25,37 @@ def make_moe(
     **kwargs,
 ):
     torch.manual_seed(0)
-    moe = MoE(
-        dim, hidden, num_experts, top_k, shared, renormalize, capacity_factor, score_function=score, **kwargs
+    config = MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        num_shared_experts=shared,
+        renormalize=renormalize,
+        capacity_factor=capacity_factor,
+        score_function=score,
+        **kwargs,
     )
+    moe = MoE(config, dim, hidden)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return moe
+
+
+def make_router(dim, num_experts, top_k, renormalize=True, expert_bias=False, **kwargs) -> TopKRouter:
+    """A router of model.moe's settings (`expert_bias`: any bias_update_rate > 0)."""
+    config = MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        renormalize=renormalize,
+        bias_update_rate=0.001 if expert_bias else 0.0,
+        **kwargs,
+    )
+    return TopKRouter(config, dim)
+
+
+def route(dispatcher, x, routing, experts):
+    """dispatch -> experts -> combine, as the MoE layer does: (output, dropped assignments)."""
+    rows, counts, handle = dispatcher.dispatch(x, routing)
+    return dispatcher.combine(experts(rows, counts), handle), handle.num_dropped
 
 
 def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
@@ -59,10 +75,10 @@ def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.T
                 sorted(probs[g * size : (g + 1) * size].tolist())[::-1] for g in range(router.num_groups)
             ]
             best = sorted(
-                range(router.num_groups), key=lambda g: -sum(groups[g][: moe.top_k // router.topk_groups])
+                range(router.num_groups), key=lambda g: -sum(groups[g][: router.top_k // router.topk_groups])
             )
             allowed = [e for e in allowed if e // size in best[: router.topk_groups]]
-        weights, picked = probs[allowed].topk(moe.top_k)
+        weights, picked = probs[allowed].topk(router.top_k)
         ids = torch.tensor(allowed)[picked]
         if router.renormalize:
             weights = weights / weights.sum()
@@ -180,7 +196,7 @@ def test_dropless_lifts_the_capacity_limit_inside_the_block_only():
 
 
 def test_expert_bias_picks_the_experts_but_the_weights_stay_the_probabilities():
-    router = TopKRouter(16, 8, 2, renormalize=False, expert_bias=True)
+    router = make_router(16, 8, 2, renormalize=False, expert_bias=True)
     x = torch.randn(50, 16)
     router.expert_bias[5] = 1.0  # larger than any probability gap: expert 5 is in every top-2
     routing = router(x)
@@ -193,7 +209,7 @@ def test_expert_bias_picks_the_experts_but_the_weights_stay_the_probabilities():
 
 
 def test_sigmoid_scores_by_hand():
-    router = TopKRouter(2, 4, 2, renormalize=False, score_function="sigmoid")
+    router = make_router(2, 4, 2, renormalize=False, score_function="sigmoid")
     with torch.no_grad():
         router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, 0.0]]))
     routing = router(torch.tensor([[2.0, 1.0]]))  # logits 2, 1, -2, 0
@@ -208,8 +224,15 @@ def test_sigmoid_scores_by_hand():
 def test_group_limited_routing_by_hand():
     """Groups {0, 1} and {2, 3}, top-2 from one group: the group whose top-2 scores sum highest
     wins, though expert 0 alone scores highest; then the weights are scaled."""
-    router = TopKRouter(
-        4, 4, 2, False, score_function="sigmoid", num_groups=2, topk_groups=1, scaling_factor=2.5
+    router = make_router(
+        4,
+        4,
+        2,
+        False,
+        score_function="sigmoid",
+        num_expert_groups=2,
+        topk_groups=1,
+        routed_scaling_factor=2.5,
     )
     with torch.no_grad():
         router.gate.weight.copy_(torch.eye(4))
@@ -222,7 +245,7 @@ def test_group_limited_routing_by_hand():
 
 
 def test_group_limited_routing_keeps_every_token_within_its_groups():
-    router = TopKRouter(16, 64, 6, True, expert_bias=True, num_groups=8, topk_groups=3)
+    router = make_router(16, 64, 6, True, expert_bias=True, num_expert_groups=8, topk_groups=3)
     router.expert_bias.normal_()  # the bias takes part in choosing the groups too
     x = torch.randn(500, 16)
     groups_of = lambda r: torch.zeros(500, 8).scatter_(1, r.experts // 8, 1.0).sum(1)  # noqa: E731
@@ -232,7 +255,7 @@ def test_group_limited_routing_keeps_every_token_within_its_groups():
 
 
 def test_expert_bias_update_by_hand():
-    router = TopKRouter(4, 4, 1, renormalize=True, expert_bias=True)
+    router = make_router(4, 4, 1, renormalize=True, expert_bias=True)
     router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]), rate=0.1)  # mean 5
     torch.testing.assert_close(router.expert_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
 
@@ -243,7 +266,7 @@ def test_expert_bias_balances_a_skewed_router(score):
     bias alone, moved from each batch's counts, brings the load near balance (the gate is never
     trained here)."""
     torch.manual_seed(0)
-    router = TopKRouter(16, 8, 2, renormalize=True, expert_bias=True, score_function=score)
+    router = make_router(16, 8, 2, renormalize=True, expert_bias=True, score_function=score)
     with torch.no_grad():
         router.gate.weight[:2] *= 8
     x = torch.randn(1024, 16)
@@ -310,7 +333,7 @@ def test_experts_see_their_rows_grouped_and_tokens_come_back(name, experts):
     dispatcher = LocalDispatcher(num_experts=8, top_k=2)
     x = torch.randn(experts.shape[0], 4)
     recorded = Recorded(distinct=False)
-    out, dropped = dispatcher.route(x, routing_of(experts, 8), recorded)
+    out, dropped = route(dispatcher, x, routing_of(experts, 8), recorded)
     assert recorded.counts.tolist() == torch.bincount(experts.flatten(), minlength=8).tolist()
     # the experts get each token's row once per assignment, grouped by expert in expert order,
     # in token order within an expert
@@ -338,7 +361,7 @@ def test_routing_gradients_match_indexing_reference(name, experts, capacity_fact
     routing.weights = torch.rand(experts.shape).requires_grad_()
     x = torch.randn(experts.shape[0], 4, requires_grad=True)
     recorded = Recorded(distinct=True)
-    out, dropped = dispatcher.route(x, routing, recorded)
+    out, dropped = route(dispatcher, x, routing, recorded)
 
     order = experts.flatten().argsort(stable=True)
     if capacity_factor is not None:
@@ -442,7 +465,7 @@ def test_device_level_loss_balances_the_groups_not_the_experts_inside_them():
 
     def train(num_groups):
         torch.manual_seed(0)
-        router = TopKRouter(16, 8, 2, renormalize=True)
+        router = make_router(16, 8, 2, renormalize=True)
         with torch.no_grad():
             router.gate.weight[:2] *= 8
         x = torch.randn(1024, 16)
@@ -482,8 +505,7 @@ def test_sequence_scope_matches_megatron_core_seq_aux_loss():
     loss."""
     from bench.moe_layer import megatron_moe, world_of_one
 
-    moe = make_moe(8, 2)
-    moe.aux_loss_scope = "sequence"
+    moe = make_moe(8, 2, aux_loss_scope="sequence")
     x = torch.randn(3, 9, 16, requires_grad=True)  # (B, T, D)
     with world_of_one(wanted=("megatron",)):
         block = megatron_moe(moe, 16, 24, 8, 2, 0, x.device, 0.5, 0.0, load_balancing="seq_aux_loss")
