@@ -1,10 +1,5 @@
 """Training on prepared corpora: megatron-core's GPTDataset over IndexedDatasets, blended by weight.
-
-BlendedMegatronDatasetBuilder splits each corpus's documents into train / validation / test by the
-`data.split` weights, shuffles deterministically from the seed and caches the sample indices (built
-on rank 0 first, then loaded by the others). Sample g of the training set is the same on every run
-with the same config, so the data position is one integer, like the byte-level stream's.
-"""
+Sample g is the same on every run with the same config, so the data position is one integer."""
 
 from __future__ import annotations
 
@@ -132,7 +127,10 @@ def build_gpt_datasets(
     num_valid: int,
     cache_dir: Path,
 ) -> tuple[GPTSamples, GPTSamples]:
-    """Train and validation samples of the blend; every prefix is checked first."""
+    """Train and validation samples of the blend; every prefix is checked first.
+
+    Megatron's builder splits each corpus's documents by the `split` weights, shuffles from the seed
+    and caches the sample indices in cache_dir (rank 0 builds them, the other ranks load them)."""
     tokens, documents = zip(*(check_prefix(prefix) for prefix in prefixes))
     for prefix, count in zip(prefixes, documents):
         if _validation_documents(count, split) == 0:

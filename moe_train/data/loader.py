@@ -1,10 +1,6 @@
 """What the trainer reads: a tokenizer and train / validation samples addressed by global index.
-
-Either stream is a pure function of (seed, sample index), so the data position is one integer
-(samples consumed) and a resumed run, or a run with more ranks, reads exactly the samples an
-uninterrupted single-process run would. Prepared corpora go through megatron-core's GPTDataset
-(indexed.py); the byte-level stdlib corpus through PackedSequences + TrainBatches below.
-"""
+Each sample is a pure function of (seed, index), so a resumed run, or one with more ranks, reads the
+samples one uninterrupted process would, and the data position is one integer."""
 
 from __future__ import annotations
 
@@ -125,7 +121,8 @@ def load_tokenizer(data: DataConfig) -> ByteTokenizer | HFTokenizer:
 
 
 def build_datasets(config: Config, topology: Topology) -> Datasets:
-    """The tokenizer and the train / validation samples that `config.data` names."""
+    """The tokenizer and the train / validation samples that `config.data` names: prepared corpora
+    through megatron-core's GPTDataset (indexed.py), the byte-level stream through TrainBatches."""
     data, t = config.data, config.trainer
     if data.name == "stdlib_bytes":
         tokenizer = ByteTokenizer()

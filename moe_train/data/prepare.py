@@ -1,12 +1,5 @@
-"""Tokenize a corpus into megatron-core's IndexedDataset (PREFIX.bin + PREFIX.idx).
-
-Documents are read in the parent, tokenized in chunks by a pool of worker processes (order kept),
-each followed by the end-of-document token, and written with the smallest integer dtype that holds
-the vocabulary, a chunk at a time. The encoder is tiktoken where it provably gives `tokenizers`' ids
-(the line-level BPEs we train, see tiktoken_bpe), `tokenizers` otherwise. Output (a trained tokenizer
-included) is written under temporary names and renamed at the end (.idx last), so an interrupted
-run never leaves a pair that looks complete, nor replaces the tokenizer of the data already there.
-"""
+"""Tokenize a corpus into megatron-core's IndexedDataset (PREFIX.bin + PREFIX.idx), the format that
+data=indexed trains on: in parallel, and never leaving a half-written pair that looks complete."""
 
 from __future__ import annotations
 
@@ -137,7 +130,13 @@ def prepare(
     bpe_sample_bytes: int = 100_000_000,
 ) -> PrepareResult:
     """Tokenize `files` with `tokenizer` (a tokenizer.json) or with a byte-level BPE of `vocab_size`
-    trained on their first `bpe_sample_bytes` of text and saved as tokenizer.json beside the output."""
+    trained on their first `bpe_sample_bytes` of text and saved as tokenizer.json beside the output.
+
+    Documents are read here and tokenized in chunks by a pool of workers (order kept), each followed
+    by the end-of-document token, in the smallest dtype that holds the vocabulary; with tiktoken where
+    it provably gives `tokenizers`' ids (tiktoken_bpe). Output, a trained tokenizer included, is written
+    under temporary names and renamed at the end (.idx last): an interrupted run never leaves a pair
+    that looks complete, nor replaces the tokenizer of the data already there."""
     from tqdm import tqdm
 
     from moe_train.data.indexed import megatron_datasets
@@ -173,7 +172,8 @@ def prepare(
         tokenizer = HFTokenizer(tokenizer)
         dtype = smallest_dtype(tokenizer.vocab_size)
         engine = "tokenizers" if tokenizer.tiktoken is None else "tiktoken"  # decided once, here
-        builder_class = megatron_datasets().indexed_dataset.IndexedDatasetBuilder  # imports take seconds
+        # imported before the clock starts, which times reading, tokenizing and writing only
+        builder_class = megatron_datasets().indexed_dataset.IndexedDatasetBuilder
 
         start = time.perf_counter()
         reader = DocumentReader(files, text_field, on_missing)

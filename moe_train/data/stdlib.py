@@ -1,10 +1,5 @@
 """The embedded default corpus: this Python's standard library sources, found through sysconfig.
-
-Every machine that runs Python has them, so the default training needs no download. `data=stdlib`
-prepares them once into an indexed dataset with a BPE trained on them (cached under data.cache_dir);
-`data=stdlib_bytes` keeps them in memory, byte-level, split into train and validation by a hash of
-each file's path.
-"""
+Every machine that runs Python has them, so the default training needs no download."""
 
 from __future__ import annotations
 
@@ -34,11 +29,13 @@ def _path_hash(relative_path: str) -> float:
 
 
 def is_validation(relative_path: str, val_fraction: float) -> bool:
+    """Whether a file is in data=stdlib_bytes's validation split (chosen by a hash of its path)."""
     return _path_hash(relative_path) < val_fraction
 
 
 def load_stdlib_bytes(val_fraction: float, eos_id: int) -> dict[str, np.ndarray]:
-    """Byte tokens of the train and validation files, each file followed by eos_id; uint8 arrays."""
+    """data=stdlib_bytes, kept in memory: byte tokens of the train and validation files, each file
+    followed by eos_id; uint8 arrays."""
     root, files = stdlib_files()
     parts: dict[str, list[bytes]] = {"train": [], "val": []}
     eos = bytes([eos_id])
@@ -49,7 +46,8 @@ def load_stdlib_bytes(val_fraction: float, eos_id: int) -> dict[str, np.ndarray]
 
 
 def prepare_stdlib(cache_dir: Path, vocab_size: int, workers: int | None = None) -> tuple[Path, Path]:
-    """Prepare the stdlib corpus once: (dataset prefix, tokenizer.json) under cache_dir.
+    """data=stdlib, prepared once into an indexed dataset with a BPE trained on it: (dataset prefix,
+    tokenizer.json) under cache_dir.
 
     Files are ordered by the hash of their path, so megatron's split by document ranges gives a
     validation set drawn from the whole library rather than its alphabetical tail."""
@@ -61,7 +59,7 @@ def prepare_stdlib(cache_dir: Path, vocab_size: int, workers: int | None = None)
     prefix, tokenizer = out_dir / "stdlib", out_dir / "tokenizer.json"
     if not (Path(f"{prefix}.idx").is_file() and tokenizer.is_file()):
         files.sort(key=lambda p: _path_hash(p.relative_to(root).as_posix()))
-        # the BPE learns from 8 MB (files in hash order: a sample of the whole library), in seconds
+        # files in hash order, so the BPE's sample (small, for a quick first run) spans the whole library
         result = prepare(
             files, prefix, vocab_size=vocab_size, workers=workers, progress=False, bpe_sample_bytes=8_000_000
         )

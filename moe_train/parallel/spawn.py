@@ -1,9 +1,5 @@
 """Run a function on N local processes with torchrun's environment: multi-process tests and benchmarks
-on the CPU (gloo), without a launcher.
-
-Each process gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT and runs `fn(rank, *args)`; an
-exception in a rank is written to `<result_dir>/rank<r>.err` and `run_ranks` raises RankFailed.
-"""
+on the CPU (gloo), without a launcher."""
 
 from __future__ import annotations
 
@@ -46,9 +42,8 @@ def _entry(rank, world_size, port, result_dir, fn, args, threads):
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    # A rank that finished leaves without the interpreter's teardown: once in about twenty suites a
-    # finished rank aborted there ("terminate called without an active exception", exit -6) after
-    # DeepSpeed ran on gloo, failing a run whose results were all written.
+    # A finished rank leaves without the interpreter's teardown, which can abort after DeepSpeed ran
+    # on gloo ("terminate called without an active exception") and fail a rank whose work is done.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -63,8 +58,9 @@ class RankFailed(RuntimeError):
 def run_ranks(
     world_size: int, fn, *args, result_dir: str | Path, timeout: float = 300, threads: int | None = None
 ) -> None:
-    """Run fn(rank, *args) on world_size processes; raise RankFailed if any rank failed or hung.
-    Each process gets `threads` intra-op threads (default: the cores shared out, at least 1)."""
+    """Run fn(rank, *args) on world_size processes, each with torchrun's RANK, WORLD_SIZE, LOCAL_RANK
+    and MASTER_ADDR/PORT and `threads` intra-op threads (default: the cores shared out, at least 1).
+    Raise RankFailed if any rank failed (its exception is in result_dir/rank<r>.err) or hung."""
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
     port = free_port()

@@ -1,13 +1,5 @@
-"""Depth up-scaling (SOLAR, Kim et al. 2023): a deeper model from an n-layer checkpoint.
-
-    python -m moe_train.tools.depth_upscale CHECKPOINT OUT_DIR [--drop 8]
-    python train.py trainer.init_from=OUT_DIR ...           # continue pretraining, optimizer reset
-
-Two copies of the model: the first loses its last m layers, the second its first m, and they are
-stacked into 2 (n - m) layers (SOLAR: n = 32, m = 8 gives 48). Dense and MoE checkpoints alike; an
-MoE model's dense/MoE layer pattern must come out the same as its config would place it. Multi-token
-prediction modules, which follow the last layer, are kept as they are.
-"""
+"""Depth up-scaling (SOLAR, Kim et al. 2023): a deeper model from an n-layer checkpoint, so that a
+larger model continues from what the smaller one learned instead of starting from scratch."""
 
 from __future__ import annotations
 
@@ -22,6 +14,10 @@ from moe_train.train.checkpoint import load_model, save_weights
 
 
 def depth_upscale(checkpoint: str, out_dir: str, drop: int | None = None):
+    """Stack the layers of two copies, the first without its last `drop` layers and the second without
+    its first, and save the result. Dense and MoE alike, as long as an MoE model's dense/MoE layer
+    pattern comes out where its config would place it; multi-token prediction modules, which follow
+    the last layer, are kept as they are."""
     config, model = load_model(checkpoint)
     n = config.model.num_layers
     m = n // 4 if drop is None else drop
@@ -52,9 +48,24 @@ def depth_upscale(checkpoint: str, out_dir: str, drop: int | None = None):
     return save_weights(new_config, deeper, out_dir)
 
 
+EPILOG = """\
+examples:
+    python -m moe_train.tools.depth_upscale CHECKPOINT OUT_DIR [--drop 8]
+    python train.py trainer.init_from=OUT_DIR ...           # continue pretraining, optimizer reset
+
+Two copies of the model: the first loses its last m layers, the second its first m, and they are
+stacked into 2 (n - m) layers (SOLAR: n = 32, m = 8 gives 48). Dense and MoE checkpoints alike; an
+MoE model's dense/MoE layer pattern must come out the same as its config would place it. Multi-token
+prediction modules, which follow the last layer, are kept as they are.
+"""
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m moe_train.tools.depth_upscale", description=__doc__.split("\n")[0]
+        prog="python -m moe_train.tools.depth_upscale",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a checkpoint or run directory")
     parser.add_argument("out_dir")

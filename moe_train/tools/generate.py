@@ -1,14 +1,5 @@
-"""Sample text from a checkpoint.
-
-    python -m moe_train.tools.generate CHECKPOINT_OR_RUN_DIR [--prompt TEXT ...] [--max-new-tokens N]
-        [--temperature T] [--top-k K] [--seed S]
-
-Loads the model of a checkpoint (either engine's, whatever layout it was trained at) and the
-tokenizer of its training data, and prints one sample per prompt; with no prompt, one sample from
-the start of a document. Each prompt follows an end-of-document token, as a document does in
-training. MoE layers route dropless (a training capacity factor is not applied), as in an export to
-Hugging Face. On a GPU the model runs in bf16, else in fp32 on the CPU.
-"""
+"""Sample text from a checkpoint, with the tokenizer of its training data: a quick look at what a run
+has learned, from either engine's checkpoints at any layout."""
 
 from __future__ import annotations
 
@@ -44,16 +35,33 @@ def sample(
     generator = torch.Generator().manual_seed(seed)
     samples = []
     for prompt in prompts:
+        # a prompt follows an end-of-document token, as a document does in training
         ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(prompt)]], device=device)
-        with autocast, dropless(model):
+        with autocast, dropless(model):  # every token routed, as in an export to Hugging Face
             tokens = generate(model, ids, max_new_tokens, temperature, top_k or None, generator)
         samples.append(tokenizer.decode(tokens[0, 1:].tolist()))
     return samples
 
 
+EPILOG = """\
+example:
+    python -m moe_train.tools.generate CHECKPOINT_OR_RUN_DIR [--prompt TEXT ...] [--max-new-tokens N]
+        [--temperature T] [--top-k K] [--seed S]
+
+Loads the model of a checkpoint (either engine's, whatever layout it was trained at) and the
+tokenizer of its training data, and prints one sample per prompt; with no prompt, one sample from
+the start of a document. Each prompt follows an end-of-document token, as a document does in
+training. MoE layers route dropless (a training capacity factor is not applied), as in an export to
+Hugging Face. On a GPU the model runs in bf16, else in fp32 on the CPU.
+"""
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m moe_train.tools.generate", description=__doc__.split("\n")[0]
+        prog="python -m moe_train.tools.generate",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a checkpoint or run directory (its newest checkpoint)")
     parser.add_argument(

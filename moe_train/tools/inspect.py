@@ -1,12 +1,5 @@
-"""Parameter and FLOP counts of a preset, built on the meta device (full-size presets cost no memory).
-
-    python -m moe_train.tools.inspect model=mixtral_8x7b [data.seq_len=4096]
-
-Prints JSON: total_params, active_params (what one token passes through, embeddings included; both
-count multi-token prediction modules, which mtp_params and mtp_active_params give on their own),
-flops_per_token (training: 6 x active matmul parameters + 12 x layers x dim x seq_len for attention;
-with MLA 6 x layers x heads x (query/key + value head size) x seq_len).
-"""
+"""Parameter and FLOP counts of a preset, to size a run before training it: the model is built on the
+meta device, so full-size presets cost no memory."""
 
 from __future__ import annotations
 
@@ -23,6 +16,9 @@ from moe_train.tools.hydra_config import compose_config
 
 
 def inspect_config(config: Config) -> dict:
+    """The counts as JSON fields. active_params is what one token passes through, embeddings included;
+    total and active count multi-token prediction modules, which the mtp_ fields give on their own.
+    flops_per_token is per training token (forward and backward), as `model_size` counts it."""
     if config.model.vocab_size is None:
         config.model.vocab_size = tokenizer_vocab_size(config)
     with torch.device("meta"):
@@ -49,6 +45,8 @@ def inspect_config(config: Config) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    """python -m moe_train.tools.inspect model=mixtral_8x7b [data.seq_len=4096]: Hydra overrides in,
+    JSON out."""
     with one_line_errors():
         print(json.dumps(inspect_config(compose_config(argv)), indent=2))
 

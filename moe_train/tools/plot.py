@@ -1,10 +1,5 @@
-"""Plots of a run directory: loss curves and one expert-load heatmap per MoE layer.
-
-    python -m moe_train.tools.plot RUN_DIR [OTHER_RUN_DIR ...] [--out DIR]
-
-Writes loss.png (train and validation loss of every run given, for comparing runs) and, for the
-first run, expert_load_layer_<i>.png (share of tokens per expert over steps; balanced = 1/E).
-"""
+"""Plots of a run directory: loss curves and one expert-load heatmap per MoE layer, to compare runs
+and to see whether the router keeps the experts balanced."""
 
 from __future__ import annotations
 
@@ -69,8 +64,19 @@ def plot_expert_load(metrics: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+EPILOG = """\
+example:
+    python -m moe_train.tools.plot RUN_DIR [OTHER_RUN_DIR ...] [--out DIR]
+
+Writes loss.png (train and validation loss of every run given, for comparing runs) and, for the
+first run, expert_load_layer_<i>.png (share of tokens per expert over steps; balanced = 1/E).
+"""
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="where PNGs go (default: the first run dir)")
     args = parser.parse_args(argv)

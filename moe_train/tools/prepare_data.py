@@ -1,15 +1,5 @@
-"""Tokenize corpora into megatron-core indexed datasets (PREFIX.bin + PREFIX.idx) for data=indexed.
-
-    # train a byte-level BPE of 32k entries on the corpus itself, saved as data/web/tokenizer.json
-    python -m moe_train.tools.prepare_data corpus/*.jsonl.gz --output data/web/web --vocab-size 32000
-    # or use a tokenizer.json you have on disk
-    python -m moe_train.tools.prepare_data books/ --output data/books/books --tokenizer tok/tokenizer.json
-
-Inputs: .txt (a file is a document), .jsonl / .jsonl.gz (a record per line, text in --text-field),
-.parquet (a row per document), or folders of them. Each document gets an end-of-document token.
-A BPE trained here is encoded with tiktoken (the ids `tokenizers` gives, 3-4 times faster); a
-tokenizer.json that tiktoken cannot provably reproduce is encoded with `tokenizers`.
-"""
+"""Tokenize corpora into megatron-core indexed datasets (PREFIX.bin + PREFIX.idx) for data=indexed:
+the command line of moe_train.data.prepare, which checks its arguments before any work starts."""
 
 from __future__ import annotations
 
@@ -22,10 +12,26 @@ from moe_train.data.prepare import prepare
 from moe_train.data.sources import find_files
 from moe_train.tools.cli import one_line_errors
 
+EPILOG = """\
+examples:
+    # train a byte-level BPE of 32k entries on the corpus itself, saved as data/web/tokenizer.json
+    python -m moe_train.tools.prepare_data corpus/*.jsonl.gz --output data/web/web --vocab-size 32000
+    # or use a tokenizer.json you have on disk
+    python -m moe_train.tools.prepare_data books/ --output data/books/books --tokenizer tok/tokenizer.json
+
+Inputs: .txt (a file is a document), .jsonl / .jsonl.gz (a record per line, text in --text-field),
+.parquet (a row per document), or folders of them. Each document gets an end-of-document token.
+A BPE trained here is encoded with tiktoken (the ids `tokenizers` gives, faster); a tokenizer.json
+that tiktoken cannot provably reproduce is encoded with `tokenizers`.
+"""
+
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m moe_train.tools.prepare_data", description=__doc__.split("\n")[0]
+        prog="python -m moe_train.tools.prepare_data",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", help="files or folders of .txt, .jsonl, .jsonl.gz, .parquet")
     parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")

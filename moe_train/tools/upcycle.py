@@ -1,20 +1,5 @@
-"""Sparse upcycling: turn a dense checkpoint into an MoE one whose experts start from the dense FFN.
-
-    python -m moe_train.tools.upcycle DENSE_CHECKPOINT OUT_DIR --num-experts 8 --top-k 2
-    python -m moe_train.tools.upcycle DENSE_CHECKPOINT OUT_DIR --num-experts 16 --top-k 4 --granularity 2
-    python train.py trainer.init_from=OUT_DIR ...           # training continues, optimizer reset
-
-Granularity 1 (Komatsuzaki et al. 2022): every expert is a copy of the layer's dense SwiGLU and the
-router starts small and random. With top-k weights renormalised the weights sum to 1, so the
-upcycled model computes exactly the dense model at step 0.
-
-Granularity m > 1 (fine-grained experts, as in DeepSeekMoE / Qwen1.5-MoE upcycling): the dense
-hidden units are cut into m slices; expert e is slice e mod m with its down projection scaled by m.
-A SwiGLU is a sum over its hidden units, so the dense output is the sum of the m slices; the
-upcycled layer gives m x (weighted mean of the k chosen slices), which equals it only when the k
-chosen experts are the m distinct slices with equal weights. It starts close, not equal; the test
-suite measures how close.
-"""
+"""Sparse upcycling: turn a dense checkpoint into an MoE one whose experts start from the dense FFN,
+so that MoE training continues from what the dense model learned instead of from scratch."""
 
 from __future__ import annotations
 
@@ -43,6 +28,12 @@ def upcycle(
     router_std: float = 0.02,
     seed: int = 0,
 ):
+    """Granularity 1 (Komatsuzaki et al. 2022): every expert is a copy of the layer's dense SwiGLU, the
+    router starts small and random; with renormalised top-k weights summing to 1, the MoE model
+    computes exactly the dense one at step 0. Granularity m > 1 (fine-grained, as DeepSeekMoE /
+    Qwen1.5-MoE upcycle): expert e is hidden slice e mod m, its down projection scaled by m. The dense
+    output is the sum of the m slices, the MoE output m x the weighted mean of the k chosen ones:
+    equal only when those are the m distinct slices at equal weights, so it starts close, not equal."""
     config, dense = load_model(checkpoint)
     model_config = config.model
     if model_config.moe.num_experts:
@@ -88,9 +79,26 @@ def upcycle(
     return save_weights(new_config, moe_model, out_dir)
 
 
+EPILOG = """\
+examples:
+    python -m moe_train.tools.upcycle DENSE_CHECKPOINT OUT_DIR --num-experts 8 --top-k 2
+    python -m moe_train.tools.upcycle DENSE_CHECKPOINT OUT_DIR --num-experts 16 --top-k 4 --granularity 2
+    python train.py trainer.init_from=OUT_DIR ...           # training continues, optimizer reset
+
+Granularity 1 (Komatsuzaki et al. 2022): every expert is a copy of the layer's dense SwiGLU and the
+router starts small and random; with top-k weights renormalised the upcycled model computes exactly
+the dense model at step 0. Granularity m > 1 (fine-grained experts, as in DeepSeekMoE / Qwen1.5-MoE
+upcycling): the dense hidden units are cut into m slices, expert e is slice e mod m; the upcycled
+model starts close to the dense one, not equal.
+"""
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m moe_train.tools.upcycle", description=__doc__.split("\n")[0]
+        prog="python -m moe_train.tools.upcycle",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a dense checkpoint or run directory")
     parser.add_argument("out_dir")

@@ -14,6 +14,7 @@ from moe_train.data.indexed import build_gpt_datasets, check_prefix, megatron_da
 from moe_train.data.prepare import prepare
 from moe_train.data.tokenizer import HFTokenizer
 from moe_train.tools.hydra_config import compose_config
+from moe_train.train.checkpoint import load_config, resolve_checkpoint
 from moe_train.train.metrics import read_metrics
 from moe_train.train.trainer import run
 from tests.conftest import TINY
@@ -162,7 +163,8 @@ def test_training_on_prepared_corpora_resumes_exactly(corpora, tmp_path):
     run(config)
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     assert [(m["step"], m["loss"]) for m in split] == [(m["step"], m["loss"]) for m in whole]
-    assert config.model.vocab_size == 400  # followed the tokenizer
+    saved = load_config(resolve_checkpoint(tmp_path / "split"))
+    assert saved.model.vocab_size == 400 and config.model.vocab_size is None  # followed the tokenizer
     assert whole[-1]["val_loss_per_byte"] < whole[-1]["val_loss"]  # several bytes per token
 
 
