@@ -79,3 +79,10 @@ class Config:
             )
         else:
             check(self.parallel.ep == 1, f"parallel.ep={self.parallel.ep} needs an MoE model (ep=1)")
+        if self.engine.name == "deepspeed":
+            p = self.parallel
+            check(
+                p.dp_shard == -1 and p.reshard_after_forward and p.reduce_dtype == "fp32",
+                "parallel.dp_shard, parallel.reshard_after_forward and parallel.reduce_dtype set FSDP2, "
+                "which is engine=native's: engine=deepspeed shards with engine.zero_stage",
+            )

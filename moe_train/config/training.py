@@ -188,12 +188,32 @@ class TrainerConfig:
 class ParallelConfig:
     ep: int = 1
     """Expert-parallel degree: each MoE layer's experts are split over this many ranks."""
+    dp_shard: int = -1
+    """engine=native on several processes (FSDP2): how many ranks one shard group of the dense
+    weights spans; the world is dp_shard x replicas of it (HSDP when there are several). -1: the
+    whole world (fully sharded). Each rank's experts are sharded over its expert-data-parallel
+    ranks (world / ep) whatever this is."""
+    reshard_after_forward: bool = True
+    """engine=native on several processes: free each block's gathered weights after its forward
+    and gather them again in backward (less memory); false keeps them until backward (less
+    communication)."""
+    reduce_dtype: str = "fp32"
+    """The dtype gradients are reduced in under trainer.precision=bf16 (engine=native, several
+    processes): fp32 (exact sums of bf16 gradients) or bf16 (half the bytes)."""
     timeout_minutes: float = 5.0
     """A collective that waits longer than this fails with an error naming it (no silent hang)."""
 
     def __post_init__(self) -> None:
         check(self.ep >= 1, f"parallel.ep={self.ep} must be >= 1")
-        check(self.timeout_minutes > 0, f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
+        check(
+            self.dp_shard == -1 or self.dp_shard >= 1,
+            f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 for the whole world",
+        )
+        one_of("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
+        check(
+            self.timeout_minutes > 0 and math.isfinite(self.timeout_minutes),
+            f"parallel.timeout_minutes={self.timeout_minutes} must be a finite number > 0",
+        )
 
 
 def check_zero_stage(stage: object, key: str) -> None:
@@ -213,8 +233,9 @@ def check_zero_stage(stage: object, key: str) -> None:
 @dataclass
 class EngineConfig:
     name: str = "native"
-    """`native` (our gradient averaging, AdamW, DCP checkpoints) or `deepspeed` (DeepSpeed's engine
-    with ZeRO sharding the optimizer states; checkpoints in DeepSpeed's format)."""
+    """`native` (FSDP2 sharding weights, gradients and AdamW's states over the ranks; DCP
+    checkpoints) or `deepspeed` (DeepSpeed's engine with ZeRO-1/2 sharding the optimizer states;
+    the same DCP checkpoints)."""
     zero_stage: int = 1
     """deepspeed: 1 (optimizer states sharded), 2 (+ gradients). Stage 3 does not support MoE."""
     offload_optimizer: bool = False

@@ -6,6 +6,7 @@ Shape legend: B batch, T sequence, D model dim, V vocabulary, L MoE layers, E ex
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,9 @@ def block_prefixes(config: ModelConfig) -> list[str]:
 
 
 class Transformer(nn.Module):
+    """Built on a real device, it is initialised at once (seed 0, `init_weights`); built on the meta
+    device it is not, and whoever materialises it initialises each shard (`initial_values`)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.vocab_size is None:
@@ -104,7 +108,8 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(config.rope_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        if not self.output.weight.is_meta:
+            self.init_weights()
 
     @property
     def blocks(self) -> list[Block]:
@@ -118,18 +123,34 @@ class Transformer(nn.Module):
         return [i for i, block in enumerate(self.blocks) if block.is_moe]
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, std) everywhere; residual output projections scaled by 1/sqrt(2 * layers)."""
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.num_layers)
+    def init_weights(self, seed: int = 0) -> None:
+        """Every parameter whole from `initial_values` (one device, every expert here)."""
         for name, p in self.named_parameters():
-            if p.ndim == 1:  # norm weights
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=std)
+            p.copy_(self.initial_values(name, p.shape, range(p.shape[0]), seed))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The rotary tables, and routing biases at zero (after to_empty(), say)."""
         self.init_rope()
+        for layer in self.modules():
+            if isinstance(layer, MoE) and layer.router.expert_bias is not None:
+                layer.router.expert_bias.zero_()
+
+    def initial_values(self, name: str, shape: torch.Size, rows: range, seed: int) -> torch.Tensor:
+        """Rows `rows` of dim 0 of parameter `name` (whole shape `shape`) at initialisation: norm
+        weights 1, the rest normal(0, init_std), residual output projections scaled by
+        1/sqrt(2 * layers). Drawn on the CPU from generators seeded by (seed, name) and, for a stacked
+        expert tensor, by expert, so any cut of the model (expert parallelism, FSDP shards)
+        initialises its own rows alike, holding at most one whole tensor (one expert of a stack)."""
+        if len(shape) == 1:
+            return torch.ones(len(rows))
+        std = self.config.init_std
+        if name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+            std = std / math.sqrt(2 * self.config.num_layers)
+        if is_expert_param(name):  # (E, ...): expert by expert
+            return torch.stack([_normal(shape[1:], std, seed, f"{name}#{e}") for e in rows])
+        return _normal(shape, std, seed, name)[rows.start : rows.stop]
 
     @torch.no_grad()
     def init_rope(self) -> None:
@@ -177,6 +198,11 @@ class Transformer(nn.Module):
             dropped=torch.tensor([s.dropped for s in all_stats], dtype=torch.float32),
             mtp_loss=mtp_loss,
         )
+
+
+def _normal(shape, std: float, seed: int, key: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed((seed % 2**31) << 32 | zlib.crc32(key.encode()))
+    return torch.empty(shape).normal_(std=std, generator=generator)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -156,22 +156,24 @@ def apply_expert_parallel(model: nn.Module, topology: Topology) -> None:
         )
 
 
-def expert_shards_to_dtensors(state, topology: Topology, inverse: bool = False, _expert=False):
-    """Present local expert shards as DTensors sharded on dim 0 over the `ep` mesh axis, so DCP
-    stores global tensors and can reload them at any ep (inverse=True unwraps them again).
-
-    Walks nested dicts; applies to the (E/ep, ...) tensors under keys naming experts, in the model
-    state dict and in the optimizer state (exp_avg, exp_avg_sq). A no-op when ep == 1.
-    """
-    if topology.ep == 1:
+def expert_shards_to_dtensors(state, topology: Topology, _expert: bool = False):
+    """The state dict (model, or optimizer state) with each rank's expert tensors presented as the
+    whole (E, ...) tensor they are shards of, DTensors on the (ep, edp) mesh over the same memory,
+    so DCP stores global tensors and reloads them at any layout. A rank's block of E / ep experts is
+    Shard(0) over `ep`; over `edp` it is either sharded again (FSDP: Shard(0)) or held whole by
+    every rank (Replicate). Other values are returned as they are."""
+    if topology.expert_mesh is None:
         return state
     if isinstance(state, dict):
         return {
-            k: expert_shards_to_dtensors(v, topology, inverse, _expert or is_expert_param(str(k)))
+            k: expert_shards_to_dtensors(v, topology, _expert or is_expert_param(str(k)))
             for k, v in state.items()
         }
-    if inverse and isinstance(state, DTensor):
-        return state.to_local()
-    if not inverse and _expert and isinstance(state, torch.Tensor) and state.ndim == 3:
-        return DTensor.from_local(state, topology.mesh, [Replicate(), Shard(0)], run_check=False)
-    return state
+    if not (_expert and isinstance(state, torch.Tensor) and state.ndim == 3):
+        return state
+    mesh = topology.expert_mesh
+    if isinstance(state, DTensor):  # FSDP's shard of this rank's block, on the edp mesh
+        shape = (state.shape[0] * topology.ep, *state.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(state.to_local(), mesh, [Shard(0), Shard(0)], shape=shape, stride=stride)
+    return DTensor.from_local(state, mesh, [Shard(0), Replicate()], run_check=False)

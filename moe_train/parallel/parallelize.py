@@ -1,5 +1,6 @@
 """Everything that turns the single-device model into the one this run trains, applied from
-outside in one place: expert parallelism, then compile, then activation checkpointing.
+outside in one place: expert parallelism, compile, activation checkpointing, FSDP; then each rank
+materialises and initialises its own shards of a model built on the meta device.
 """
 
 from __future__ import annotations
@@ -8,24 +9,29 @@ import functools
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
-from moe_train.config import TrainerConfig
+from moe_train.config import Config
 from moe_train.model import Transformer
+from moe_train.model.moe import is_expert_param
 from moe_train.parallel.expert_parallel import apply_expert_parallel
+from moe_train.parallel.fsdp import apply_fsdp
 from moe_train.parallel.topology import Topology
 
 
-def parallelize(model: Transformer, trainer: TrainerConfig, topology: Topology) -> None:
+def parallelize(model: Transformer, config: Config, topology: Topology, bf16: bool) -> None:
     """In place; state-dict keys unchanged. Compile comes before checkpointing because the routed
     experts stay eager (torch.compiler.disable): inside a checkpointed region that graph break
-    would make the whole block fall back to eager, so the checkpoint wraps the compiled block."""
+    would make the whole block fall back to eager, so the checkpoint wraps the compiled block.
+    FSDP shards the native engine's model on several processes (DeepSpeed shards its own way)."""
     apply_expert_parallel(model, topology)
-    model.to(topology.device)
-    if trainer.compile:
+    if config.trainer.compile:
         apply_compile(model)
-    if trainer.activation_checkpointing:
+    if config.trainer.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if topology.distributed and config.engine.name == "native":
+        apply_fsdp(model, config.parallel, topology, bf16)
 
 
 def apply_compile(model: Transformer) -> None:
@@ -49,3 +55,36 @@ def _checkpointed(unit: nn.Module, forward):
         return forward(*args)
 
     return run
+
+
+@torch.no_grad()
+def materialize(model: Transformer, seed: int, topology: Topology) -> None:
+    """Allocate this rank's shards of a model built on the meta device and initialise them: each
+    holds the rows of the whole parameter that it stands for (Transformer.initial_values), so the
+    weights at step 0 are the same whatever the layout."""
+    model.to_empty(device=topology.device)
+    num_experts = model.config.moe.num_experts
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        rows = _rows(p)
+        shape = p.shape
+        if is_expert_param(name):  # this rank's experts are a block of all of them
+            first = topology.ep_rank * (num_experts // topology.ep)
+            rows, shape = range(first + rows.start, first + rows.stop), (num_experts, *p.shape[1:])
+        local.copy_(model.initial_values(name, shape, rows, seed))
+    model.init_buffers()
+
+
+def _rows(p: torch.Tensor) -> range:
+    """The rows of dim 0 this rank holds of p (FSDP shards dim 0 as torch.chunk does)."""
+    n = p.shape[0]
+    if not isinstance(p, DTensor):
+        return range(n)
+    start, stop = 0, n
+    for axis, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            assert placement.dim == 0, "FSDP shards dim 0"
+            size, index = p.device_mesh.size(axis), p.device_mesh.get_local_rank(axis)
+            chunk = -(-(stop - start) // size)
+            start, stop = min(start + index * chunk, stop), min(start + (index + 1) * chunk, stop)
+    return range(start, stop)

@@ -1,5 +1,5 @@
-"""The one object that owns the process layout: world = edp x ep as a 2-D DeviceMesh, the
-process groups with the run's timeout, and the collectives the trainer uses.
+"""The one object that owns the process layout: the meshes of the dense weights (HSDP) and of
+the experts (ep x edp), their process groups with the run's timeout, and the trainer's collectives.
 """
 
 from __future__ import annotations
@@ -76,16 +76,19 @@ def default_group_timeout(timeout: timedelta) -> Iterator[None]:
 
 @dataclass
 class Topology:
-    """Mesh axes: `ep` splits each MoE layer's experts; `edp` (expert data parallel) joins the
-    ranks that hold the same expert shard. Dense parameters are replicated on every rank, so for
-    them the whole world is data parallel, and every rank reads its own share of each batch."""
+    """Every rank is data parallel (it reads its own share of each batch). Two meshes over the
+    same ranks: `expert_mesh` (ep, edp), where `ep` splits each MoE layer's experts (ranks i*ep ..
+    i*ep+ep-1, on one node when ep <= GPUs per node) and `edp` (expert data parallel) joins the
+    ranks that hold the same experts; `dense_mesh` (dp_replicate, dp_shard), where `dp_shard`
+    consecutive ranks share one copy of the dense weights and `dp_replicate` such copies exist."""
 
     world_size: int
     rank: int
     local_rank: int
     ep: int
     device: torch.device
-    mesh: DeviceMesh | None  # None for a single process
+    expert_mesh: DeviceMesh | None = None  # (ep, edp); None for a single process
+    dense_mesh: DeviceMesh | None = None  # (dp_replicate, dp_shard); None for a single process
     timeout: timedelta = timedelta(minutes=5)  # of every collective (parallel.timeout_minutes)
     _background_group: dist.ProcessGroup | None = None
 
@@ -99,9 +102,16 @@ class Topology:
                 f"(world = expert-data-parallel x ep); allowed ep values: "
                 f"{', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)}"
             )
+        dp_shard = world_size if config.dp_shard == -1 else config.dp_shard
+        if world_size % dp_shard:
+            raise ConfigError(
+                f"parallel.dp_shard={config.dp_shard} must divide the world size {world_size} "
+                f"(world = replicas x dp_shard); allowed: -1 (all), "
+                f"{', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)}"
+            )
         device = pick_device(device_kind, local_rank)
         timeout = timedelta(minutes=config.timeout_minutes)
-        mesh = None
+        topology = cls(world_size, rank, local_rank, config.ep, device, timeout=timeout)
         if world_size > 1:
             backend = "nccl" if device.type == "cuda" else "gloo"
             if not dist.is_initialized():
@@ -112,11 +122,18 @@ class Topology:
                     timeout=timeout,
                     device_id=device if device.type == "cuda" else None,
                 )
-            # ranks i*ep .. i*ep+ep-1 form an expert-parallel group (one node when ep <= GPUs per node)
-            layout = torch.arange(world_size).view(world_size // config.ep, config.ep)  # (edp, ep)
-            groups = [_subgroups(layout.T, timeout), _subgroups(layout, timeout)]  # edp, ep
-            mesh = DeviceMesh.from_group(groups, device.type, layout, mesh_dim_names=("edp", "ep"))
-        return cls(world_size, rank, local_rank, config.ep, device, mesh, timeout)
+            ranks = torch.arange(world_size)
+            experts = ranks.view(-1, config.ep).T.contiguous()  # (ep, edp): a column is an ep group
+            groups = [_subgroups(experts.T, timeout), _subgroups(experts, timeout)]
+            topology.expert_mesh = DeviceMesh.from_group(
+                groups, device.type, experts, mesh_dim_names=("ep", "edp")
+            )
+            dense = ranks.view(-1, dp_shard)  # (dp_replicate, dp_shard)
+            groups = [_subgroups(dense.T, timeout), _subgroups(dense, timeout)]
+            topology.dense_mesh = DeviceMesh.from_group(
+                groups, device.type, dense, mesh_dim_names=("dp_replicate", "dp_shard")
+            )
+        return topology
 
     @property
     def is_main(self) -> bool:
@@ -128,15 +145,15 @@ class Topology:
 
     @property
     def ep_rank(self) -> int:
-        return self.mesh.get_local_rank("ep") if self.mesh is not None else 0
+        return self.expert_mesh.get_local_rank("ep") if self.expert_mesh is not None else 0
 
     @property
     def ep_group(self) -> dist.ProcessGroup | None:
-        return self.mesh.get_group("ep") if self.mesh is not None else None
+        return self.expert_mesh.get_group("ep") if self.expert_mesh is not None else None
 
     @property
     def edp_group(self) -> dist.ProcessGroup | None:
-        return self.mesh.get_group("edp") if self.mesh is not None else None
+        return self.expert_mesh.get_group("edp") if self.expert_mesh is not None else None
 
     def all_reduce(
         self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None, what: str = "metrics"

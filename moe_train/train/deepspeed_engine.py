@@ -134,7 +134,7 @@ def _create_expert_groups(topology: Topology) -> str:
     name = _expert_group_name(topology.ep)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(topology.ep)
-    if topology.mesh is not None:
+    if topology.expert_mesh is not None:
         ours = (topology.ep_group, topology.edp_group)
         theirs = (groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name))
         for a, b in zip(ours, theirs):

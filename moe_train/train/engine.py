@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class Engine(Protocol):
@@ -36,4 +37,6 @@ class Engine(Protocol):
 
 
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor) and t.ndim > 0)
+    """The bytes this rank holds of `tensors` (a DTensor's local shard)."""
+    local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in local if t.ndim > 0)

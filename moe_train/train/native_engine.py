@@ -1,5 +1,5 @@
-"""engine=native: our gradient averaging (moe_train/parallel/data_parallel.py), torch's AdamW, and
-DCP checkpoint state."""
+"""engine=native: the model as parallelize left it (FSDP2 on several processes: gradients reduced
+during backward), torch's AdamW, global-norm clipping, and DCP checkpoint state."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from moe_train.config import Config
-from moe_train.parallel.data_parallel import GradientSync
+from moe_train.parallel.fsdp import clip_grad_norm_
 from moe_train.parallel.topology import Topology
 from moe_train.train.checkpoint import dcp_load, dcp_save
 from moe_train.train.engine import Engine, tensor_bytes
@@ -28,7 +28,6 @@ class NativeEngine(Engine):
         self.topology = topology
         self.micro_batches = micro_batches
         self.grad_clip = config.optim.grad_clip
-        self.grad_sync = GradientSync(model, topology)
         self.optimizer = build_optimizer(model, config.optim, topology.device)
         self._pre_step_hooks: list[Callable[[], None]] = []
 
@@ -40,8 +39,7 @@ class NativeEngine(Engine):
 
     def step(self, lr: float) -> float:
         """A norm that is not finite leaves the weights and Adam's moments as they were."""
-        self.grad_sync.reduce()
-        norm = self.grad_sync.clip(self.grad_clip).item()
+        norm = clip_grad_norm_(self.model, self.grad_clip, self.topology).item()
         if math.isfinite(norm):
             for hook in self._pre_step_hooks:
                 hook()

@@ -16,7 +16,7 @@ import torch
 from moe_train.config import Config, ConfigError, ModelConfig, TrainerConfig
 from moe_train.data import build_datasets
 from moe_train.model import Transformer, lm_loss, model_size
-from moe_train.parallel.parallelize import parallelize
+from moe_train.parallel.parallelize import materialize, parallelize
 from moe_train.parallel.topology import Topology
 from moe_train.train.callbacks import Callback, default_callbacks
 from moe_train.train.checkpoint import Checkpointer, CheckpointMismatch, Progress, load_weights
@@ -98,10 +98,12 @@ class Trainer:
         self.config = config
         self.val_bytes_per_token = self._bytes_per_token(self.val_data.samples(0, self._num_val_samples))
 
-        torch.manual_seed(t.seed)  # every rank builds the same full model, then keeps its shard
-        self.model = Transformer(config.model)
+        torch.manual_seed(t.seed)
+        with torch.device("meta"):  # each rank allocates and initialises only its own shards
+            self.model = Transformer(config.model)
         self.size = model_size(self.model, config.data.seq_len)
-        parallelize(self.model, t, topology)
+        parallelize(self.model, config, topology, bf16)
+        materialize(self.model, t.seed, topology)
         self.engine = build_engine(self.model, config, topology, self.micro_batches_per_step, bf16)
         self.expert_load = ExpertLoad(self.model, config.model.moe, topology)
         if config.model.moe.bias_update_rate:

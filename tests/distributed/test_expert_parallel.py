@@ -77,9 +77,15 @@ def reference_run(tmp_path_factory):
     return train_run(tmp_path_factory.mktemp("reference"), "single", 1, 1)
 
 
-@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2), (2, 1)], ids=["ep2", "ep4", "dp2xep2", "dp2"])
-def test_training_matches_single_process(tmp_path, reference_run, world, ep):
-    metrics, params = train_run(tmp_path, f"w{world}ep{ep}", world, ep)
+@pytest.mark.parametrize(
+    "world,ep,extra",
+    [(2, 2, []), (4, 4, []), (4, 2, []), (2, 1, []), (4, 2, ["parallel.dp_shard=2"])],
+    ids=["ep2", "ep4", "dp2xep2", "dp2", "hsdp2x2-ep2"],
+)
+def test_training_matches_single_process(tmp_path, reference_run, world, ep, extra):
+    """FSDP2: dense weights sharded over the world (or over 2 of 4 ranks and replicated: HSDP),
+    experts over their expert-data-parallel ranks."""
+    metrics, params = train_run(tmp_path, f"w{world}ep{ep}", world, ep, *extra)
     assert_same_run(metrics, params, *reference_run)
 
 
@@ -130,15 +136,17 @@ def test_balancing_by_routing_bias_and_by_device_groups_matches_single_process(t
         assert m["loss"] == pytest.approx(m["lm_loss"] + weighted)
 
 
-def test_checkpoint_written_at_ep2_resumes_at_ep1_and_ep4(tmp_path, reference_run):
+def test_checkpoint_written_at_4_ranks_ep2_resumes_at_other_layouts(tmp_path, reference_run):
+    """Written with dense weights sharded over 4 ranks and experts over 2 (ep=2): resumed on one
+    process, on 2 ranks at ep=1 and on 4 at ep=4."""
     saved = tmp_path / "saved"
-    train_run(tmp_path, "first-half", 2, 2, "trainer.exit_after_steps=3", out_dir=saved)
+    train_run(tmp_path, "first-half", 4, 2, "trainer.exit_after_steps=3", out_dir=saved)
     assert (saved / "checkpoints" / "step_00000003" / ".metadata").is_file()
     ref_metrics, ref_params = reference_run
-    for world, ep in [(1, 1), (4, 4)]:
-        out_dir = tmp_path / f"resumed-ep{ep}"
+    for world, ep in [(1, 1), (2, 1), (4, 4)]:
+        out_dir = tmp_path / f"resumed-w{world}ep{ep}"
         shutil.copytree(saved, out_dir)
-        metrics, params = train_run(tmp_path, f"resume-ep{ep}", world, ep, out_dir=out_dir)
+        metrics, params = train_run(tmp_path, f"resume-w{world}ep{ep}", world, ep, out_dir=out_dir)
         assert_same_run(metrics, params, ref_metrics, ref_params)
 
 

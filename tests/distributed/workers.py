@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from moe_train.config import MoEConfig, ParallelConfig
 from moe_train.model.moe import MoE
@@ -118,7 +119,11 @@ def train(rank, overrides, result_dir):
     topo = Topology.setup(config.parallel, "cpu")
     trainer = Trainer(config, topo)
     trainer.fit()
-    torch.save(trainer.model.state_dict(), Path(result_dir, f"params_rank{rank}.pt"))
+    # each rank's whole dense weights and whole block of experts (gathered from FSDP's shards)
+    params = {
+        k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in trainer.model.state_dict().items()
+    }
+    torch.save(params, Path(result_dir, f"params_rank{rank}.pt"))
 
 
 def peer_fails_during_all_to_all(rank, how, result_dir):
@@ -171,7 +176,7 @@ def peer_hangs_in_a_subgroup(rank, result_dir):
         return
     if rank == 1:
         return
-    group = later if rank == 0 else topo.mesh.get_group("ep")
+    group = later if rank == 0 else topo.ep_group
     started = time.monotonic()
     try:
         dist.all_reduce(torch.ones(1), group=group)

@@ -121,16 +121,22 @@ def dcp_load(state: dict, path: Path, topology: Topology | None, weights_only: b
             for k in list(model)
             if f"model.{k}" not in stored and (k.endswith("router.expert_bias") or _depth_of(k) in new_depths)
         }
-        if topology is not None:
-            state = expert_shards_to_dtensors(state, topology)
+        loading = expert_shards_to_dtensors(state, topology) if topology is not None else state
         with single_process_quiet(not distributed):
-            dcp.load(state, checkpoint_id=path, no_dist=not distributed)
+            dcp.load(loading, checkpoint_id=path, no_dist=not distributed)
     except (Exception, CheckpointException) as e:  # another model's checkpoint, or a damaged one
         raise ConfigError(f"cannot load checkpoint {path} into this model: {reason(e)}") from e
-    if topology is not None:
-        state = expert_shards_to_dtensors(state, topology, inverse=True)
+    state = _loaded(loading, state)
     state["model"].update(absent)  # the routing biases and depths that start fresh
     return state
+
+
+def _loaded(loading, original):
+    """`original` with what DCP loaded: its tensors were filled in place (the DTensor views of
+    expert shards share their memory), other values (numbers, lists) were replaced in `loading`."""
+    if isinstance(loading, dict):
+        return {k: _loaded(v, original[k]) if k in original else v for k, v in loading.items()}
+    return original if isinstance(original, torch.Tensor) else loading
 
 
 def _depth_of(key: str) -> int | None:

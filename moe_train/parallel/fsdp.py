@@ -1,0 +1,93 @@
+"""FSDP2 (torch's fully_shard) over the two meshes: each block's dense weights sharded over the
+dense mesh (HSDP when it has replicas), its experts over their expert-data-parallel ranks; and the
+global gradient norm across both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+from moe_train.config import ParallelConfig
+from moe_train.model import Transformer
+from moe_train.model.moe import is_expert_param
+from moe_train.parallel.topology import Topology
+
+
+def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, bf16: bool) -> None:
+    """One FSDP unit per layer and per multi-token prediction depth (its experts a unit of their
+    own, on the expert mesh), one for the embedding and one for the final norm and head (one for
+    all three when they are tied), and the root. Gradients are summed over each unit's ranks and
+    divided by the world size once: every rank's loss is the mean over its share of the batch, and
+    the experts' all-to-all already summed their gradients over `ep`."""
+    mp_policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None,
+        reduce_dtype=torch.bfloat16 if bf16 and config.reduce_dtype == "bf16" else torch.float32,
+    )
+
+    def shard(modules, mesh: DeviceMesh, shard_axis: str) -> None:
+        fully_shard(
+            modules, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=config.reshard_after_forward
+        )
+        for module in modules if isinstance(modules, list) else [modules]:
+            module.set_gradient_divide_factor(float(topology.world_size))
+            # gloo has no PREMUL_SUM: sum, then divide once. Not where the shard group is one rank:
+            # there FSDP (torch 2.13) divides its copy of the gradient and then again after.
+            if topology.device.type != "cuda" and mesh[shard_axis].size() > 1:
+                module.set_force_sum_reduction_for_comms(True)
+
+    for unit in (*model.layers, *model.mtp):
+        block = getattr(unit, "block", unit)  # an MTP depth's block
+        if block.is_moe:
+            shard(block.ffn.experts, topology.expert_mesh["edp"], "edp")
+        shard(unit, topology.dense_mesh, "dp_shard")
+    ends = [model.norm, model.output]
+    if model.config.tie_embeddings:  # one weight: one unit
+        shard([model.tok_embeddings, *ends], topology.dense_mesh, "dp_shard")
+    else:
+        shard(model.tok_embeddings, topology.dense_mesh, "dp_shard")
+        shard(ends, topology.dense_mesh, "dp_shard")
+    shard(model, topology.dense_mesh, "dp_shard")
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float, topology: Topology) -> torch.Tensor:
+    """Clip every gradient to a global norm of max_norm (0: no clipping); returns the norm before
+    clipping. Dense and expert gradients live on different meshes (or are plain tensors on one
+    process): each group's norm is reduced over its own mesh, the experts' also over `ep`, and
+    each group is clipped apart by the one global coefficient."""
+    groups: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            groups[is_expert_param(name)].append(p)
+    total_sq = torch.zeros((), device=topology.device)
+    for expert, params in groups.items():
+        if not params:
+            continue
+        sq = get_total_norm([_local(p.grad) for p in params]).float().square()
+        for group in _shard_groups(params[0].grad):  # the ranks holding other pieces of each
+            topology.all_reduce(sq, group=group, what="gradient norm")
+        if expert:
+            topology.all_reduce(sq, group=topology.ep_group, what="gradient norm")
+        total_sq += sq
+    total = total_sq.sqrt()
+    if max_norm > 0:
+        for params in groups.values():
+            if params:
+                clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_groups(t: torch.Tensor) -> list:
+    """The process groups over which a (FSDP) DTensor is split: its squared norm is their sum."""
+    if not isinstance(t, DTensor):
+        return []
+    mesh = t.device_mesh
+    return [mesh.get_group(axis) for axis, p in enumerate(t.placements) if isinstance(p, Shard)]
