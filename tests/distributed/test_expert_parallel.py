@@ -172,6 +172,11 @@ def test_world_size_must_be_divisible_by_ep(monkeypatch):
         ConfigError, match=r"parallel.ep=4 must divide the world size 6 .* allowed ep values: 1, 2, 3, 6"
     ):
         Topology.setup(ParallelConfig(ep=4), "cpu")
+    with pytest.raises(
+        ConfigError,
+        match=r"^parallel.dp_shard=4 must divide the world size 6 .* allowed: -1 \(all\), 1, 2, 3, 6$",
+    ):
+        Topology.setup(ParallelConfig(dp_shard=4), "cpu")
 
 
 @pytest.mark.parametrize("how", ["dies", "hangs"])

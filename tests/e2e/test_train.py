@@ -190,6 +190,14 @@ def test_resume_from_checkpoint_of_another_model_or_a_damaged_one_fails_clearly(
     (ckpt / "config.yaml").write_text("model: [")
     with pytest.raises(ConfigError, match="config.yaml is damaged"):
         train([*tiny_overrides, "trainer.max_steps=2"])
+    # a setting an older version wrote and this one retired is left out; an unknown one is damage
+    (ckpt / "config.yaml").write_text(
+        config_yaml.replace("parallel:\n", "parallel:\n  ep_overlap_chunks: 1\n")
+    )
+    assert load_config(ckpt).parallel.ep == 1
+    (ckpt / "config.yaml").write_text(config_yaml.replace("parallel:\n", "parallel:\n  ep_overlap: 1\n"))
+    with pytest.raises(ConfigError, match="config.yaml is damaged: Key 'ep_overlap' not in 'ParallelConfig'"):
+        load_config(ckpt)
     (ckpt / "config.yaml").write_text(config_yaml)
     shard = next(ckpt.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:1000])

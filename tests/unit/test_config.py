@@ -1,5 +1,7 @@
 """Config validation: each bad value names its key and what is allowed."""
 
+import math
+
 import pytest
 
 from moe_train.config import (
@@ -128,6 +130,14 @@ from moe_train.tools.hydra_config import compose_config
         (
             lambda: MoEConfig(num_experts=8, bias_update_rate=-0.1),
             "model.moe.bias_update_rate=-0.1 must be >= 0",
+        ),
+        (lambda: ParallelConfig(dp_shard=0), "parallel.dp_shard=0 must be >= 1, or -1 for the whole world"),
+        (lambda: ParallelConfig(reduce_dtype="fp16"), "parallel.reduce_dtype='fp16' is not allowed"),
+        (lambda: ParallelConfig(timeout_minutes=math.inf), "parallel.timeout_minutes=inf must be a finite"),
+        (
+            lambda: Config(engine=EngineConfig(name="deepspeed"), parallel=ParallelConfig(dp_shard=2)),
+            "parallel.dp_shard, parallel.reshard_after_forward and parallel.reduce_dtype set FSDP2, "
+            "which is engine=native's",
         ),
         (
             lambda: EngineConfig(name="deepspeed", zero_stage=3),

@@ -35,6 +35,10 @@ ARCHITECTURE = (
 )
 
 
+# settings that older versions wrote into config.yaml and this one no longer has
+RETIRED = (("parallel", "ep_overlap_chunks"),)
+
+
 class CheckpointMismatch(ConfigError):
     """The checkpoint is not this run's kind (another engine, another architecture): unlike a
     damaged one, no other checkpoint of the same run would fit either."""
@@ -49,7 +53,11 @@ def load_config(checkpoint: str | Path) -> Config:
         )
     schema = OmegaConf.structured(Config)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(checkpoint / "config.yaml")))
+        saved = OmegaConf.load(checkpoint / "config.yaml")
+        for section, key in RETIRED:  # written by an older version: nothing to restore from them
+            if OmegaConf.is_dict(saved) and OmegaConf.is_dict(saved.get(section)):
+                saved[section].pop(key, None)
+        return OmegaConf.to_object(OmegaConf.merge(schema, saved))
     except ConfigError:
         raise
     except Exception as e:  # YAML that does not parse, or keys / values the schema refuses
