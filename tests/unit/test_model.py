@@ -260,6 +260,9 @@ PUBLISHED = {
     "deepseekmoe_16b": (16.4e9, 0.05e9, 2.8e9, 0.05e9),
     "deepseekmoe_145b": (144.6e9, 0.05e9, 22.2e9, 0.05e9),
     "llama2_7b": (6.74e9, 0.005e9, 6.74e9, 0.005e9),
+    "llama3_8b": (8.03e9, 0.005e9, 8.03e9, 0.005e9),
+    "llama3_70b": (70.6e9, 0.05e9, 70.6e9, 0.05e9),
+    "solar_10_7b": (10.7e9, 0.05e9, 10.7e9, 0.05e9),
     "grok1": (314e9, 0.5e9, None, None),
     "deepseek_v3": (671e9, 0.5e9, 37e9, 0.5e9),
     # 2.45B by our count: the paper gives it as 2.4B
