@@ -160,8 +160,8 @@ def expert_shards_to_dtensors(state, topology: Topology, _expert: bool = False):
     """The state dict (model, or optimizer state) with each rank's expert tensors presented as the
     whole (E, ...) tensor they are shards of, DTensors on the (ep, edp) mesh over the same memory,
     so DCP stores global tensors and reloads them at any layout. A rank's block of E / ep experts is
-    Shard(0) over `ep`; over `edp` it is either sharded again (FSDP: Shard(0)) or held whole by
-    every rank (Replicate). Other values are returned as they are."""
+    Shard(0) over `ep`; over `edp` it is either sharded again (FSDP: by expert, Shard(0), or along
+    dim 1) or held whole by every rank (Replicate). Other values are returned as they are."""
     if topology.expert_mesh is None:
         return state
     if isinstance(state, dict):
@@ -172,8 +172,9 @@ def expert_shards_to_dtensors(state, topology: Topology, _expert: bool = False):
     if not (_expert and isinstance(state, torch.Tensor) and state.ndim == 3):
         return state
     mesh = topology.expert_mesh
-    if isinstance(state, DTensor):  # FSDP's shard of this rank's block, on the edp mesh
+    if isinstance(state, DTensor):  # FSDP's shard of this rank's block (by expert or on dim 1), on edp
         shape = (state.shape[0] * topology.ep, *state.shape[1:])
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(state.to_local(), mesh, [Shard(0), Shard(0)], shape=shape, stride=stride)
+        placements = [Shard(0), *state.placements]
+        return DTensor.from_local(state.to_local(), mesh, placements, shape=shape, stride=stride)
     return DTensor.from_local(state, mesh, [Shard(0), Replicate()], run_check=False)

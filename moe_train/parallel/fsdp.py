@@ -28,9 +28,13 @@ def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, b
         reduce_dtype=torch.bfloat16 if bf16 and config.reduce_dtype == "bf16" else torch.float32,
     )
 
-    def shard(modules, mesh: DeviceMesh, shard_axis: str) -> None:
+    def shard(modules, mesh: DeviceMesh, shard_axis: str, placement=None) -> None:
         fully_shard(
-            modules, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=config.reshard_after_forward
+            modules,
+            mesh=mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=config.reshard_after_forward,
+            shard_placement_fn=placement,
         )
         for module in modules if isinstance(modules, list) else [modules]:
             module.set_gradient_divide_factor(float(topology.world_size))
@@ -42,7 +46,9 @@ def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, b
     for unit in (*model.layers, *model.mtp):
         block = getattr(unit, "block", unit)  # an MTP depth's block
         if block.is_moe:
-            shard(block.ffn.experts, topology.expert_mesh["edp"], "edp")
+            edp = topology.expert_mesh["edp"]
+            placement = expert_placement(block.ffn.experts.num_experts // topology.ep, edp.size())
+            shard(block.ffn.experts, edp, "edp", placement)
         shard(unit, topology.dense_mesh, "dp_shard")
     ends = [model.norm, model.output]
     if model.config.tie_embeddings:  # one weight: one unit
@@ -51,6 +57,14 @@ def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, b
         shard(model.tok_embeddings, topology.dense_mesh, "dp_shard")
         shard(ends, topology.dense_mesh, "dp_shard")
     shard(model, topology.dense_mesh, "dp_shard")
+
+
+def expert_placement(local_experts: int, edp: int):
+    """How FSDP cuts a rank's (E/ep, ...) block of stacked experts over its edp ranks: by expert
+    where they divide evenly, else along dim 1 (torchtitan's choice too), where one rank would
+    otherwise hold whole experts that another lacks."""
+    placement = Shard(0) if local_experts % edp == 0 else Shard(1)
+    return lambda param: placement
 
 
 @torch.no_grad()

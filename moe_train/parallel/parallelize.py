@@ -66,25 +66,24 @@ def materialize(model: Transformer, seed: int, topology: Topology) -> None:
     num_experts = model.config.moe.num_experts
     for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
-        rows = _rows(p)
+        rows, columns = _slice(p, 0), _slice(p, 1)
         shape = p.shape
         if is_expert_param(name):  # this rank's experts are a block of all of them
             first = topology.ep_rank * (num_experts // topology.ep)
             rows, shape = range(first + rows.start, first + rows.stop), (num_experts, *p.shape[1:])
-        local.copy_(model.initial_values(name, shape, rows, seed))
+        values = model.initial_values(name, shape, rows, seed)
+        local.copy_(values if p.ndim < 2 else values[:, columns.start : columns.stop])
     model.init_buffers()
 
 
-def _rows(p: torch.Tensor) -> range:
-    """The rows of dim 0 this rank holds of p (FSDP shards dim 0 as torch.chunk does)."""
-    n = p.shape[0]
-    if not isinstance(p, DTensor):
-        return range(n)
+def _slice(p: torch.Tensor, dim: int) -> range:
+    """The part of dim `dim` this rank holds of p (FSDP cuts as torch.chunk does)."""
+    n = p.shape[dim] if dim < p.ndim else 1
     start, stop = 0, n
-    for axis, placement in enumerate(p.placements):
-        if isinstance(placement, Shard):
-            assert placement.dim == 0, "FSDP shards dim 0"
-            size, index = p.device_mesh.size(axis), p.device_mesh.get_local_rank(axis)
-            chunk = -(-(stop - start) // size)
-            start, stop = min(start + index * chunk, stop), min(start + (index + 1) * chunk, stop)
+    if isinstance(p, DTensor):
+        for axis, placement in enumerate(p.placements):
+            if isinstance(placement, Shard) and placement.dim == dim:
+                size, index = p.device_mesh.size(axis), p.device_mesh.get_local_rank(axis)
+                chunk = -(-(stop - start) // size)
+                start, stop = min(start + index * chunk, stop), min(start + (index + 1) * chunk, stop)
     return range(start, stop)

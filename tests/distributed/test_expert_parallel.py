@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,8 @@ from moe_train.config import ConfigError, ParallelConfig
 from moe_train.model.moe import is_expert_param
 from moe_train.parallel.spawn import RankFailed, run_ranks
 from moe_train.parallel.topology import Topology
+from moe_train.tools.hydra_config import compose_config
+from moe_train.tools.memory import Layout, ModelShapes, native_bytes
 from tests.conftest import TINY
 from tests.distributed import workers
 
@@ -72,9 +75,14 @@ def assert_same_run(metrics, params, ref_metrics, ref_params, rtol=1e-5):
             )
 
 
+REFERENCE_RESULTS: list[Path] = []
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    return train_run(tmp_path_factory.mktemp("reference"), "single", 1, 1)
+    tmp = tmp_path_factory.mktemp("reference")
+    REFERENCE_RESULTS[:] = [tmp / "single-results"]
+    return train_run(tmp, "single", 1, 1)
 
 
 @pytest.mark.parametrize(
@@ -84,9 +92,24 @@ def reference_run(tmp_path_factory):
 )
 def test_training_matches_single_process(tmp_path, reference_run, world, ep, extra):
     """FSDP2: dense weights sharded over the world (or over 2 of 4 ranks and replicated: HSDP),
-    experts over their expert-data-parallel ranks."""
+    experts over their expert-data-parallel ranks. Rank 0's weights and Adam's moments take the
+    bytes tools.plan counts for the layout, to the byte."""
     metrics, params = train_run(tmp_path, f"w{world}ep{ep}", world, ep, *extra)
     assert_same_run(metrics, params, *reference_run)
+    dp_shard = 2 if extra else world
+    assert_state_bytes_as_planned(tmp_path / f"w{world}ep{ep}-results", Layout(world, ep, dp_shard))
+
+
+def assert_state_bytes_as_planned(result_dir: Path, layout: Layout) -> None:
+    config = compose_config([*TINY, f"parallel.ep={layout.ep}"])
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=256))
+    planned = native_bytes(ModelShapes(config), layout, bf16=False)
+    held = json.loads((result_dir / "state_bytes_rank0.json").read_text())
+    assert held == {"weights": planned.weights, "optimizer": planned.optimizer}
+
+
+def test_the_single_process_reference_holds_the_planned_bytes(reference_run, tmp_path_factory):
+    assert_state_bytes_as_planned(REFERENCE_RESULTS[0], Layout(1, 1, 1))
 
 
 def test_activation_checkpointing_at_ep2_matches_single_process(tmp_path, reference_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from pathlib import Path
@@ -113,12 +114,18 @@ def round_trip(rank, ep, result_dir):
 def train(rank, overrides, result_dir):
     """Train with the given overrides; save this rank's parameters for comparison."""
     from moe_train.tools.hydra_config import compose_config
+    from moe_train.train.engine import tensor_bytes
     from moe_train.train.trainer import Trainer
 
     config = compose_config(overrides)
     topo = Topology.setup(config.parallel, "cpu")
     trainer = Trainer(config, topo)
     trainer.fit()
+    state_bytes = {  # what this rank holds: its shards of the weights and of Adam's moments
+        "weights": tensor_bytes(trainer.model.parameters()),
+        "optimizer": tensor_bytes(t for s in trainer.engine.optimizer.state.values() for t in s.values()),
+    }
+    Path(result_dir, f"state_bytes_rank{rank}.json").write_text(json.dumps(state_bytes))
     # each rank's whole dense weights and whole block of experts (gathered from FSDP's shards)
     params = {
         k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in trainer.model.state_dict().items()
