@@ -100,8 +100,8 @@ def test_training_matches_single_process(tmp_path, reference_run, world, ep, ext
     assert_state_bytes_as_planned(tmp_path / f"w{world}ep{ep}-results", Layout(world, ep, dp_shard))
 
 
-def assert_state_bytes_as_planned(result_dir: Path, layout: Layout) -> None:
-    config = compose_config([*TINY, f"parallel.ep={layout.ep}"])
+def assert_state_bytes_as_planned(result_dir: Path, layout: Layout, *extra: str) -> None:
+    config = compose_config([*TINY, f"parallel.ep={layout.ep}", *extra])
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=256))
     planned = native_bytes(ModelShapes(config), layout, bf16=False)
     held = json.loads((result_dir / "state_bytes_rank0.json").read_text())
@@ -171,6 +171,19 @@ def test_checkpoint_written_at_4_ranks_ep2_resumes_at_other_layouts(tmp_path, re
         shutil.copytree(saved, out_dir)
         metrics, params = train_run(tmp_path, f"resume-w{world}ep{ep}", world, ep, out_dir=out_dir)
         assert_same_run(metrics, params, ref_metrics, ref_params)
+
+
+def test_experts_cut_along_dim_1_train_and_resume_as_one_process(tmp_path):
+    """6 experts at ep=2 on 4 ranks: a rank's block of 3 experts does not divide over its 2
+    expert-data-parallel ranks, so FSDP cuts it along dim 1. Trained there, and stopped at step 3
+    and resumed on one process: the single process's run."""
+    six = ("model.moe.num_experts=6",)
+    single = train_run(tmp_path, "single", 1, 1, *six)
+    assert_same_run(*train_run(tmp_path, "dim1", 4, 2, *six), *single)
+    assert_state_bytes_as_planned(tmp_path / "dim1-results", Layout(4, 2, 4), *six)
+    saved = tmp_path / "saved"
+    train_run(tmp_path, "first-half", 4, 2, *six, "trainer.exit_after_steps=3", out_dir=saved)
+    assert_same_run(*train_run(tmp_path, "resumed", 1, 1, *six, out_dir=saved), *single)
 
 
 def test_checkpoints_written_in_the_background_hold_their_step(tmp_path, reference_run):
