@@ -34,7 +34,9 @@ bench: setup
 	$(BIN)/python -m bench.moe_layer
 	$(BIN)/python -m bench.expert_parallel
 	$(BIN)/python -m bench.engines --offload
+	$(BIN)/python -m bench.sharding
 	$(BIN)/python -m bench.train_e2e model=mixtral_tiny
+	$(BIN)/python -m bench.fit_table
 
 clean:
 	rm -rf $(VENV) runs outputs

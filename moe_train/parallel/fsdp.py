@@ -6,6 +6,7 @@ global gradient norm across both.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -43,20 +44,27 @@ def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, b
             if topology.device.type != "cuda" and mesh[shard_axis].size() > 1:
                 module.set_force_sum_reduction_for_comms(True)
 
+    # without replicas the dense mesh's replicate axis has one rank: FSDP on the 1-D shard mesh,
+    # not HSDP, which would all-reduce every unit's gradients over that one rank
+    dense = (
+        topology.dense_mesh
+        if topology.dense_mesh["dp_replicate"].size() > 1
+        else topology.dense_mesh["dp_shard"]
+    )
     for unit in (*model.layers, *model.mtp):
         block = getattr(unit, "block", unit)  # an MTP depth's block
         if block.is_moe:
             edp = topology.expert_mesh["edp"]
             placement = expert_placement(block.ffn.experts.num_experts // topology.ep, edp.size())
             shard(block.ffn.experts, edp, "edp", placement)
-        shard(unit, topology.dense_mesh, "dp_shard")
+        shard(unit, dense, "dp_shard")
     ends = [model.norm, model.output]
     if model.config.tie_embeddings:  # one weight: one unit
-        shard([model.tok_embeddings, *ends], topology.dense_mesh, "dp_shard")
+        shard([model.tok_embeddings, *ends], dense, "dp_shard")
     else:
-        shard(model.tok_embeddings, topology.dense_mesh, "dp_shard")
-        shard(ends, topology.dense_mesh, "dp_shard")
-    shard(model, topology.dense_mesh, "dp_shard")
+        shard(model.tok_embeddings, dense, "dp_shard")
+        shard(ends, dense, "dp_shard")
+    shard(model, dense, "dp_shard")
 
 
 def expert_placement(local_experts: int, edp: int):
@@ -82,10 +90,12 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, topology: Topology)
         if not params:
             continue
         sq = get_total_norm([_local(p.grad) for p in params]).float().square()
-        for group in _shard_groups(params[0].grad):  # the ranks holding other pieces of each
-            topology.all_reduce(sq, group=group, what="gradient norm")
+        reduce_over = _shard_groups(params[0].grad)  # the ranks holding other pieces of each
         if expert:
-            topology.all_reduce(sq, group=topology.ep_group, what="gradient norm")
+            reduce_over.append(topology.ep_group)
+        for group in reduce_over:
+            if group is not None and dist.get_world_size(group) > 1:
+                topology.all_reduce(sq, group=group, what="gradient norm")
         total_sq += sq
     total = total_sq.sqrt()
     if max_norm > 0:

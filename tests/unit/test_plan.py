@@ -2,6 +2,7 @@
 counts, and a layout that cannot be is one line (its counts at tiny scale are checked against
 the tensors training holds in tests/distributed/test_expert_parallel.py)."""
 
+import math
 import subprocess
 import sys
 
@@ -72,3 +73,37 @@ def test_a_layout_that_cannot_be_is_one_line(args, message):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_a_rank_starts_with_its_shards_and_one_tensor_at_a_time(monkeypatch):
+    """Rank 0 of 4 (ep=2, a fake world): materialising allocates only its shards, and what it
+    draws to initialise them is one tensor at a time, one expert of a stacked tensor."""
+    import torch
+
+    import moe_train.model.transformer as transformer
+    from moe_train.model import Transformer
+    from moe_train.parallel.parallelize import materialize, parallelize
+    from moe_train.parallel.topology import Topology
+    from moe_train.tools.plan import fake_world
+    from moe_train.train.engine import tensor_bytes
+
+    config = compose_config(["model=mixtral_tiny", "model.vocab_size=512", "parallel.ep=2"])
+    drawn = []
+    normal = transformer._normal
+    monkeypatch.setattr(
+        transformer, "_normal", lambda shape, *a: drawn.append(math.prod(shape)) or normal(shape, *a)
+    )
+    with fake_world(4):
+        topology = Topology.setup(config.parallel, "cpu")
+        with torch.device("meta"):
+            model = Transformer(config.model)
+        parallelize(model, config, topology, bf16=False)
+        materialize(model, seed=0, topology=topology)
+        held = tensor_bytes(model.parameters())
+    drawn = list(drawn)
+    whole = Transformer(config.model)  # one process: every parameter whole
+    assert held == native_bytes(ModelShapes(config), Layout(4, 2, 4), bf16=False).weights
+    assert held < tensor_bytes(whole.parameters()) / 3
+    experts = whole.layers[0].ffn.experts.w13  # (8, 192, 768): one expert outweighs any dense tensor
+    largest_dense = max(p.numel() for n, p in whole.named_parameters() if "experts" not in n)
+    assert max(drawn) == max(largest_dense, experts[0].numel()) < experts.numel()
