@@ -21,9 +21,10 @@ from moe_train.parallel.topology import Topology
 def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, bf16: bool) -> None:
     """One FSDP unit per layer and per multi-token prediction depth (its experts a unit of their
     own, on the expert mesh), one for the embedding and one for the final norm and head (one for
-    all three when they are tied), and the root. Gradients are summed over each unit's ranks and
-    divided by the world size once: every rank's loss is the mean over its share of the batch, and
-    the experts' all-to-all already summed their gradients over `ep`."""
+    all three when they are tied), and the root; with expert parallelism each layer prefetches the
+    next (forward) or the previous (backward) explicitly, as torchtitan does. Gradients are summed
+    over each unit's ranks and divided by the world size once: every rank's loss is the mean over
+    its share of the batch, and the experts' all-to-all already summed their gradients over `ep`."""
     mp_policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 else None,
         reduce_dtype=torch.bfloat16 if bf16 and config.reduce_dtype == "bf16" else torch.float32,
@@ -65,6 +66,11 @@ def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, b
         shard(model.tok_embeddings, dense, "dp_shard")
         shard(ends, dense, "dp_shard")
     shard(model, dense, "dp_shard")
+    if topology.ep > 1:  # the exchange's host sync would stall FSDP's implicit prefetching
+        layers = list(model.layers)
+        for layer, after in zip(layers, layers[1:]):
+            layer.set_modules_to_forward_prefetch([after])
+            after.set_modules_to_backward_prefetch([layer])
 
 
 def expert_placement(local_experts: int, edp: int):
