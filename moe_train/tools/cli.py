@@ -3,6 +3,7 @@ stderr and exit code 2, never a traceback; and the process-wide allocator settin
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import ctypes.util
@@ -10,6 +11,16 @@ import sys
 from collections.abc import Iterator
 
 from moe_train.config import ConfigError
+
+
+def tool_parser(module: str, doc: str | None, epilog: str) -> argparse.ArgumentParser:
+    """A tool's argument parser: `--help` shows its docstring, then its examples as written."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def exit_on_config_error(error: ConfigError) -> None:

@@ -3,13 +3,12 @@ larger model continues from what the smaller one learned instead of starting fro
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
 from moe_train.config import ConfigError
 from moe_train.model import Transformer
-from moe_train.tools.cli import one_line_errors
+from moe_train.tools.cli import one_line_errors, tool_parser
 from moe_train.train.checkpoint import load_model, save_weights
 
 
@@ -61,12 +60,7 @@ prediction modules, which follow the last layer, are kept as they are.
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_train.tools.depth_upscale",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("moe_train.tools.depth_upscale", __doc__, EPILOG)
     parser.add_argument("checkpoint", help="a checkpoint or run directory")
     parser.add_argument("out_dir")
     parser.add_argument(

@@ -3,7 +3,6 @@ has learned, from either engine's checkpoints at any layout."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 
@@ -13,7 +12,7 @@ from moe_train.config import ConfigError
 from moe_train.data.loader import load_tokenizer
 from moe_train.model.generate import generate
 from moe_train.model.moe import dropless
-from moe_train.tools.cli import one_line_errors
+from moe_train.tools.cli import one_line_errors, tool_parser
 from moe_train.train.checkpoint import load_model
 
 
@@ -57,12 +56,7 @@ Hugging Face. On a GPU the model runs in bf16, else in fp32 on the CPU.
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_train.tools.generate",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("moe_train.tools.generate", __doc__, EPILOG)
     parser.add_argument("checkpoint", help="a checkpoint or run directory (its newest checkpoint)")
     parser.add_argument(
         "--prompt", action="append", help="repeat for several samples (default: one, unprompted)"

@@ -4,7 +4,6 @@ model states."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -20,7 +19,7 @@ from moe_train.config import Config, ConfigError
 from moe_train.data.loader import tokenizer_vocab_size
 from moe_train.model import Transformer
 from moe_train.model.moe import is_expert_param
-from moe_train.tools.cli import one_line_errors
+from moe_train.tools.cli import one_line_errors, tool_parser
 from moe_train.tools.hydra_config import compose_config
 from moe_train.tools.memory import GIB, Bytes, Layout, ModelShapes, native_bytes, zero_bytes
 
@@ -141,12 +140,7 @@ def print_table(rows: list[tuple[str, Layout, Bytes | None]], memory: int) -> No
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_train.tools.plan",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("moe_train.tools.plan", __doc__, EPILOG)
     parser.add_argument("--gpus", type=int, required=True, help="GPUs of the layout to count")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU (GB, 10^9)")
     parser.add_argument("--max-gpus", type=int, default=4096, help="the largest world the search tries")

@@ -3,14 +3,13 @@ the command line of moe_train.data.prepare, which checks its arguments before an
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from moe_train.config import ConfigError
 from moe_train.data.prepare import prepare
 from moe_train.data.sources import find_files
-from moe_train.tools.cli import one_line_errors
+from moe_train.tools.cli import one_line_errors, tool_parser
 
 EPILOG = """\
 examples:
@@ -27,12 +26,7 @@ that tiktoken cannot provably reproduce is encoded with `tokenizers`.
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_train.tools.prepare_data",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("moe_train.tools.prepare_data", __doc__, EPILOG)
     parser.add_argument("inputs", nargs="+", help="files or folders of .txt, .jsonl, .jsonl.gz, .parquet")
     parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")
     how = parser.add_mutually_exclusive_group(required=True)

@@ -3,7 +3,6 @@ so that MoE training continues from what the dense model learned instead of from
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
@@ -12,7 +11,7 @@ import torch
 from moe_train.config import ConfigError, MoEConfig
 from moe_train.model import Transformer
 from moe_train.model.transformer import block_prefixes
-from moe_train.tools.cli import one_line_errors
+from moe_train.tools.cli import one_line_errors, tool_parser
 from moe_train.train.checkpoint import load_model, save_weights
 
 
@@ -94,12 +93,7 @@ model starts close to the dense one, not equal.
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_train.tools.upcycle",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("moe_train.tools.upcycle", __doc__, EPILOG)
     parser.add_argument("checkpoint", help="a dense checkpoint or run directory")
     parser.add_argument("out_dir")
     parser.add_argument("--num-experts", type=int, required=True)
