@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from moe_train.config.checks import check, one_of
+from moe_train.config.checks import at_least, check, is_finite, one_of, positive
 
 
 @dataclass
@@ -66,7 +66,20 @@ class MoEConfig:
     (Megatron-Core allows it only there; here it works on softmax scores too). 0: off."""
 
     def __post_init__(self) -> None:
-        check(self.num_experts >= 0, f"model.moe.num_experts={self.num_experts} must be >= 0")
+        # every field in range, also on a dense model (where they are unused): a NaN is a mistake
+        for key in ("num_experts", "num_shared_experts", "first_k_dense", "topk_groups"):
+            at_least(f"model.moe.{key}", getattr(self, key), 0)
+        for key in ("top_k", "every_n_layers", "num_expert_groups"):
+            at_least(f"model.moe.{key}", getattr(self, key), 1)
+        if self.expert_hidden_dim is not None:
+            positive("model.moe.expert_hidden_dim", self.expert_hidden_dim, "or null: model.ffn_hidden_dim")
+        for key in ("aux_loss_coef", "device_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            at_least(f"model.moe.{key}", getattr(self, key), 0, "0 turns it off")
+        positive("model.moe.routed_scaling_factor", self.routed_scaling_factor)
+        if self.capacity_factor is not None:
+            positive("model.moe.capacity_factor", self.capacity_factor, "or null for dropless")
+        one_of("model.moe.score_function", self.score_function, ("softmax", "sigmoid"))
+        one_of("model.moe.aux_loss_scope", self.aux_loss_scope, ("batch", "sequence"))
         if self.num_experts == 0:
             check(
                 self.num_shared_experts == 0,
@@ -77,20 +90,6 @@ class MoEConfig:
             1 <= self.top_k <= self.num_experts,
             f"model.moe.top_k={self.top_k} must be between 1 and model.moe.num_experts={self.num_experts}",
         )
-        check(
-            self.num_shared_experts >= 0,
-            f"model.moe.num_shared_experts={self.num_shared_experts} must be >= 0",
-        )
-        check(
-            self.expert_hidden_dim is None or self.expert_hidden_dim > 0,
-            f"model.moe.expert_hidden_dim={self.expert_hidden_dim} must be > 0",
-        )
-        one_of("model.moe.score_function", self.score_function, ("softmax", "sigmoid"))
-        one_of("model.moe.aux_loss_scope", self.aux_loss_scope, ("batch", "sequence"))
-        check(self.first_k_dense >= 0, f"model.moe.first_k_dense={self.first_k_dense} must be >= 0")
-        check(self.every_n_layers >= 1, f"model.moe.every_n_layers={self.every_n_layers} must be >= 1")
-        check(self.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={self.aux_loss_coef} must be >= 0")
-        check(self.z_loss_coef >= 0, f"model.moe.z_loss_coef={self.z_loss_coef} must be >= 0")
         check(
             self.num_expert_groups >= 1 and self.num_experts % self.num_expert_groups == 0,
             f"model.moe.num_expert_groups={self.num_expert_groups} must be >= 1 and divide "
@@ -106,19 +105,6 @@ class MoEConfig:
                 f"model.moe.top_k={self.top_k}, and its groups must hold top_k experts "
                 f"({per_group} each); 0 turns group-limited routing off",
             )
-        check(
-            self.routed_scaling_factor > 0,
-            f"model.moe.routed_scaling_factor={self.routed_scaling_factor} must be > 0",
-        )
-        check(
-            self.device_aux_loss_coef >= 0,
-            f"model.moe.device_aux_loss_coef={self.device_aux_loss_coef} must be >= 0",
-        )
-        check(
-            self.capacity_factor is None or self.capacity_factor > 0,
-            f"model.moe.capacity_factor={self.capacity_factor} must be > 0 (or null for dropless)",
-        )
-        check(self.bias_update_rate >= 0, f"model.moe.bias_update_rate={self.bias_update_rate} must be >= 0")
 
 
 @dataclass
@@ -153,28 +139,23 @@ class RopeScalingConfig:
 
     def __post_init__(self) -> None:
         one_of("model.rope_scaling.type", self.type, ("none", "llama3", "yarn"))
-        if self.type == "none":
-            return
-        check(
-            self.factor >= 1 and math.isfinite(self.factor),
-            f"model.rope_scaling.factor={self.factor} must be a finite number >= 1",
-        )
-        check(
-            self.original_max_seq_len > 0,
-            f"model.rope_scaling.original_max_seq_len={self.original_max_seq_len} must be > 0",
-        )
         if self.type == "llama3":
             check(
                 0 < self.low_freq_factor < self.high_freq_factor < math.inf,
                 f"model.rope_scaling.low_freq_factor={self.low_freq_factor} must be > 0 and below "
                 f"model.rope_scaling.high_freq_factor={self.high_freq_factor}, a finite number",
             )
-            return
-        check(
-            0 < self.beta_slow < self.beta_fast < math.inf,
-            f"model.rope_scaling.beta_slow={self.beta_slow} and beta_fast={self.beta_fast} must be "
-            "finite numbers with 0 < beta_slow < beta_fast",
-        )
+        if self.type == "yarn":
+            check(
+                0 < self.beta_slow < self.beta_fast < math.inf,
+                f"model.rope_scaling.beta_slow={self.beta_slow} and beta_fast={self.beta_fast} must be "
+                "finite numbers with 0 < beta_slow < beta_fast",
+            )
+        # every field in range, also those the type does not use: a NaN is a mistake wherever it is
+        at_least("model.rope_scaling.factor", self.factor, 1)
+        positive("model.rope_scaling.original_max_seq_len", self.original_max_seq_len)
+        for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            positive(f"model.rope_scaling.{key}", getattr(self, key))
         for key in ("mscale", "mscale_all_dim"):
             value = getattr(self, key)
             check(
@@ -206,15 +187,13 @@ class MLAConfig:
         return self.kv_lora_rank > 0
 
     def __post_init__(self) -> None:
-        check(self.kv_lora_rank >= 0, f"model.mla.kv_lora_rank={self.kv_lora_rank} must be >= 0")
-        if not self.enabled:
-            return
+        # checked also when off (kv_lora_rank=0), where they are unused: a NaN is a mistake
+        at_least("model.mla.kv_lora_rank", self.kv_lora_rank, 0, "0: grouped-query attention")
+        at_least("model.mla.q_lora_rank", self.q_lora_rank, 0, "0: a full query projection")
         for key in ("qk_nope_head_dim", "v_head_dim"):
-            value = getattr(self, key)
-            check(value > 0, f"model.mla.{key}={value} must be > 0")
-        check(self.q_lora_rank >= 0, f"model.mla.q_lora_rank={self.q_lora_rank} must be >= 0")
+            positive(f"model.mla.{key}", getattr(self, key))
         check(
-            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,  # NaN and inf fail: % 2 is NaN
             f"model.mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even and > 0",
         )
 
@@ -232,10 +211,12 @@ class MTPConfig:
     for its first 10T tokens, then 0.1)."""
 
     def __post_init__(self) -> None:
-        check(self.num_layers >= 0, f"model.mtp.num_layers={self.num_layers} must be >= 0")
+        at_least("model.mtp.num_layers", self.num_layers, 0, "0 turns it off")
+        finite = is_finite(self.loss_coef)
         check(
-            self.loss_coef >= 0 and math.isfinite(self.loss_coef),
-            f"model.mtp.loss_coef={self.loss_coef} must be a number >= 0",
+            self.loss_coef >= 0 and finite,
+            f"model.mtp.loss_coef={self.loss_coef} must be a number >= 0"
+            + ("" if finite else " (a finite one)"),
         )
 
 
@@ -285,12 +266,12 @@ class ModelConfig:
             "ffn_hidden_dim",
             "max_seq_len",
             "rope_theta",
+            "norm_eps",
+            "init_std",
         ):
-            value = getattr(self, key)
-            check(value > 0, f"model.{key}={value} must be > 0")
-        check(
-            self.vocab_size is None or self.vocab_size > 0, f"model.vocab_size={self.vocab_size} must be > 0"
-        )
+            positive(f"model.{key}", getattr(self, key))
+        if self.vocab_size is not None:
+            positive("model.vocab_size", self.vocab_size, "or null to follow the data's tokenizer")
         if not self.mla.enabled:  # with MLA the head sizes are model.mla's
             check(
                 self.dim % self.num_heads == 0,
@@ -305,13 +286,18 @@ class ModelConfig:
                 self.head_dim % 2 == 0,
                 f"model.dim / model.num_heads = {self.head_dim} must be even for rotary embeddings",
             )
-        check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
-        check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
         if self.moe.num_experts:
             check(
                 self.moe.first_k_dense < self.num_layers,
                 f"model.moe.first_k_dense={self.moe.first_k_dense} leaves no MoE layer in "
                 f"model.num_layers={self.num_layers}",
+            )
+            check(
+                any(self.is_moe_layer(i) for i in range(self.num_layers)),
+                f"model.moe.every_n_layers={self.moe.every_n_layers} leaves no MoE layer among layers "
+                f"{self.moe.first_k_dense} to {self.num_layers - 1} (model.moe.first_k_dense="
+                f"{self.moe.first_k_dense}, model.num_layers={self.num_layers}): a layer is MoE when "
+                "its index is a multiple of every_n_layers",
             )
 
     @property

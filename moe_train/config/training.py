@@ -3,11 +3,10 @@ parallelism, engine (native or DeepSpeed) and logging. Each check names its key.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
-from moe_train.config.checks import ConfigError, check, one_of
+from moe_train.config.checks import ConfigError, at_least, check, in_range, is_finite, one_of, positive
 
 
 @dataclass
@@ -33,13 +32,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         one_of("data.name", self.name, ("stdlib", "stdlib_bytes", "indexed"))
-        check(self.seq_len > 0, f"data.seq_len={self.seq_len} must be > 0")
-        check(self.vocab_size > 256, f"data.vocab_size={self.vocab_size} must be > 256 (a byte-level BPE)")
+        positive("data.seq_len", self.seq_len)
+        in_range("data.vocab_size", self.vocab_size, 256, low_open=True, note="a byte-level BPE")
         weights = _split_weights(self.split)
         check(
-            len(weights) == 3 and min(weights) >= 0 and weights[1] > 0,
-            f"data.split={self.split!r} must be three weights train,validation,test with validation > 0 "
-            "(e.g. 98,2,0)",
+            len(weights) == 3 and all(is_finite(w) and w >= 0 for w in weights) and weights[1] > 0,
+            f"data.split={self.split!r} must be three finite weights >= 0, train,validation,test, with "
+            "validation > 0 (e.g. 98,2,0)",
         )
         if self.name == "indexed":
             check(
@@ -50,7 +49,10 @@ class DataConfig:
                 len(self.weights) == len(self.prefixes),
                 f"data.weights has {len(self.weights)} entries but data.prefixes has {len(self.prefixes)}",
             )
-            check(all(w > 0 for w in self.weights), f"data.weights={self.weights} must all be > 0")
+            check(
+                all(is_finite(w) and w > 0 for w in self.weights),
+                f"data.weights={self.weights} must all be finite numbers > 0",
+            )
 
     @property
     def val_fraction(self) -> float:
@@ -90,16 +92,20 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
     def __post_init__(self) -> None:
-        check(self.lr > 0 and math.isfinite(self.lr), f"optim.lr={self.lr} must be a positive number")
+        finite = is_finite(self.lr)
+        check(
+            self.lr > 0 and finite,
+            f"optim.lr={self.lr} must be a positive number" + ("" if finite else " (a finite one)"),
+        )
         one_of("optim.schedule", self.schedule, ("cosine", "linear", "wsd"))
-        check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        check(0 <= self.decay_fraction <= 1, f"optim.decay_fraction={self.decay_fraction} must be in [0, 1]")
-        check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
-        check(0 <= self.beta1 < 1, f"optim.beta1={self.beta1} must be in [0, 1)")
-        check(0 <= self.beta2 < 1, f"optim.beta2={self.beta2} must be in [0, 1)")
-        check(self.eps > 0, f"optim.eps={self.eps} must be > 0")
-        check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0")
+        in_range("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        at_least("optim.warmup_steps", self.warmup_steps, 0)
+        in_range("optim.decay_fraction", self.decay_fraction, 0, 1)
+        at_least("optim.weight_decay", self.weight_decay, 0)
+        in_range("optim.beta1", self.beta1, 0, 1, high_open=True)
+        in_range("optim.beta2", self.beta2, 0, 1, high_open=True)
+        positive("optim.eps", self.eps)
+        at_least("optim.grad_clip", self.grad_clip, 0, "0 disables clipping")
 
 
 @dataclass
@@ -157,14 +163,21 @@ class TrainerConfig:
     """Tokens per generated sample."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "global_batch_size", "micro_batch_size", "eval_batches", "log_every"):
-            value = getattr(self, key)
-            check(value is None or value > 0, f"trainer.{key}={value} must be > 0")
-        for key in ("eval_every", "ckpt_every", "num_samples", "sample_tokens"):
-            value = getattr(self, key)
-            check(value >= 0, f"trainer.{key}={value} must be >= 0")
-        check(self.keep_last >= 1, f"trainer.keep_last={self.keep_last} must be >= 1")
+        for key in ("max_steps", "global_batch_size", "eval_batches", "log_every"):
+            positive(f"trainer.{key}", getattr(self, key))
+        if self.micro_batch_size is not None:
+            positive("trainer.micro_batch_size", self.micro_batch_size, "or null for no accumulation")
+        at_least("trainer.eval_every", self.eval_every, 0, "0 disables evaluation")
+        at_least("trainer.ckpt_every", self.ckpt_every, 0, "0 saves only at the end")
+        for key in ("num_samples", "sample_tokens"):
+            at_least(f"trainer.{key}", getattr(self, key), 0)
+        at_least("trainer.keep_last", self.keep_last, 1)
         check(0 <= self.seed < 2**32, f"trainer.seed={self.seed} must be between 0 and 2**32 - 1")
+        check(
+            bool(self.out_dir.strip()),
+            "trainer.out_dir is empty: name the run directory (metrics and checkpoints go there), "
+            "e.g. trainer.out_dir=runs/my_run",
+        )
         self.out_dir = os.path.expanduser(self.out_dir)
         check(
             self.micro_batch_size is None or self.global_batch_size % self.micro_batch_size == 0,
@@ -174,14 +187,10 @@ class TrainerConfig:
         check(bool(self.resume), "trainer.resume must be `auto`, `none` or a checkpoint path")
         one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         one_of("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
-        check(
-            self.exit_after_steps is None or self.exit_after_steps > 0,
-            f"trainer.exit_after_steps={self.exit_after_steps} must be > 0",
-        )
-        check(
-            self.exit_after_minutes is None or self.exit_after_minutes > 0,
-            f"trainer.exit_after_minutes={self.exit_after_minutes} must be > 0",
-        )
+        if self.exit_after_steps is not None:
+            positive("trainer.exit_after_steps", self.exit_after_steps, "or null for no limit")
+        if self.exit_after_minutes is not None:
+            positive("trainer.exit_after_minutes", self.exit_after_minutes, "or null for no limit")
 
 
 @dataclass
@@ -204,16 +213,13 @@ class ParallelConfig:
     """A collective that waits longer than this fails with an error naming it (no silent hang)."""
 
     def __post_init__(self) -> None:
-        check(self.ep >= 1, f"parallel.ep={self.ep} must be >= 1")
+        at_least("parallel.ep", self.ep, 1)
         check(
-            self.dp_shard == -1 or self.dp_shard >= 1,
+            self.dp_shard == -1 or (is_finite(self.dp_shard) and self.dp_shard >= 1),
             f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 for the whole world",
         )
         one_of("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
-        check(
-            self.timeout_minutes > 0 and math.isfinite(self.timeout_minutes),
-            f"parallel.timeout_minutes={self.timeout_minutes} must be a finite number > 0",
-        )
+        positive("parallel.timeout_minutes", self.timeout_minutes)
 
 
 def check_zero_stage(stage: object, key: str) -> None:

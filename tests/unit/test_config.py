@@ -153,12 +153,188 @@ from moe_train.tools.hydra_config import compose_config
             "engine.zero_stage, engine.offload_optimizer and engine.deepspeed_config need engine=deepspeed",
         ),
         (lambda: EngineConfig(name="megatron"), "engine.name='megatron' is not allowed"),
+        (lambda: TrainerConfig(out_dir=""), "trainer.out_dir is empty: name the run directory"),
+        (lambda: TrainerConfig(out_dir="  "), "trainer.out_dir is empty"),
+        (
+            lambda: ModelConfig(
+                num_layers=4, moe=MoEConfig(num_experts=8, first_k_dense=1, every_n_layers=8)
+            ),
+            "model.moe.every_n_layers=8 leaves no MoE layer among layers 1 to 3",
+        ),
+        (
+            lambda: MoEConfig(num_experts=8, capacity_factor=math.inf),
+            "model.moe.capacity_factor=inf must be a finite number > 0 (or null for dropless)",
+        ),
+        (lambda: OptimConfig(lr=math.inf), "optim.lr=inf must be a positive number (a finite one)"),
+        (lambda: OptimConfig(beta2=math.nan), "optim.beta2=nan must be in [0, 1)"),
+        (
+            lambda: DataConfig(split="98,2,inf"),
+            "data.split='98,2,inf' must be three finite weights >= 0, train,validation,test, with "
+            "validation > 0",
+        ),
     ],
 )
 def test_bad_values_name_the_key(build, message):
     with pytest.raises(ConfigError) as error:
         build()
     assert str(error.value).startswith(message)
+
+
+INF, NAN = math.inf, math.nan
+
+
+def bad(section, key: str, value, **others):
+    """A case: `section` built with the field `key` names set to `value`, and `others`."""
+    return pytest.param(section, key, value, others, id=f"{key}={value!r}")
+
+
+def moe(key: str, value):
+    return bad(MoEConfig, f"model.moe.{key}", value, num_experts=8)
+
+
+@pytest.mark.parametrize(
+    "section,key,value,others",
+    [
+        # model.moe: counts, sizes and coefficients (checked on a dense model too)
+        bad(MoEConfig, "model.moe.num_experts", -1),
+        bad(MoEConfig, "model.moe.num_experts", INF),
+        moe("top_k", 0),
+        moe("top_k", NAN),
+        bad(MoEConfig, "model.moe.top_k", -1),  # dense: unused, still not a count
+        moe("num_shared_experts", -1),
+        moe("expert_hidden_dim", 0),
+        moe("expert_hidden_dim", -INF),
+        moe("first_k_dense", -1),
+        moe("every_n_layers", 0),
+        moe("num_expert_groups", 0),
+        moe("num_expert_groups", NAN),
+        moe("topk_groups", -1),
+        moe("aux_loss_coef", -0.1),
+        moe("aux_loss_coef", NAN),
+        moe("aux_loss_coef", INF),
+        bad(MoEConfig, "model.moe.aux_loss_coef", NAN),  # dense
+        moe("device_aux_loss_coef", NAN),
+        moe("device_aux_loss_coef", INF),
+        moe("z_loss_coef", -1.0),
+        moe("z_loss_coef", INF),
+        moe("routed_scaling_factor", 0.0),
+        moe("routed_scaling_factor", INF),
+        moe("routed_scaling_factor", NAN),
+        moe("capacity_factor", INF),
+        moe("capacity_factor", -INF),
+        moe("capacity_factor", NAN),
+        moe("capacity_factor", -1.0),
+        moe("bias_update_rate", INF),
+        moe("bias_update_rate", NAN),
+        # model.rope_scaling: with the type that uses a field, and with none (unused, still checked)
+        bad(RopeScalingConfig, "model.rope_scaling.factor", NAN),
+        bad(RopeScalingConfig, "model.rope_scaling.factor", 0.5, type="yarn"),
+        bad(RopeScalingConfig, "model.rope_scaling.factor", INF, type="llama3"),
+        bad(RopeScalingConfig, "model.rope_scaling.low_freq_factor", NAN, type="llama3"),
+        bad(RopeScalingConfig, "model.rope_scaling.low_freq_factor", INF),
+        bad(RopeScalingConfig, "model.rope_scaling.high_freq_factor", INF, type="llama3"),
+        bad(RopeScalingConfig, "model.rope_scaling.high_freq_factor", 0.0),
+        bad(RopeScalingConfig, "model.rope_scaling.beta_fast", NAN),
+        bad(RopeScalingConfig, "model.rope_scaling.beta_slow", NAN, type="yarn"),
+        bad(RopeScalingConfig, "model.rope_scaling.beta_slow", -1.0),
+        bad(RopeScalingConfig, "model.rope_scaling.original_max_seq_len", 0, type="yarn"),
+        bad(RopeScalingConfig, "model.rope_scaling.original_max_seq_len", -1),
+        bad(RopeScalingConfig, "model.rope_scaling.mscale", NAN),
+        bad(RopeScalingConfig, "model.rope_scaling.mscale_all_dim", INF, type="yarn"),
+        # model.mla (checked when off too) and model.mtp
+        bad(MLAConfig, "model.mla.kv_lora_rank", NAN),
+        bad(MLAConfig, "model.mla.q_lora_rank", -1),
+        bad(MLAConfig, "model.mla.qk_nope_head_dim", 0, kv_lora_rank=64),
+        bad(MLAConfig, "model.mla.qk_rope_head_dim", NAN, kv_lora_rank=64),
+        bad(MLAConfig, "model.mla.qk_rope_head_dim", 0),
+        bad(MLAConfig, "model.mla.v_head_dim", -1, kv_lora_rank=64),
+        bad(MTPConfig, "model.mtp.num_layers", INF),
+        bad(MTPConfig, "model.mtp.loss_coef", INF, num_layers=1),
+        bad(MTPConfig, "model.mtp.loss_coef", -0.5),
+        # model
+        bad(ModelConfig, "model.vocab_size", 0),
+        bad(ModelConfig, "model.dim", 0),
+        bad(ModelConfig, "model.num_layers", -1),
+        bad(ModelConfig, "model.num_heads", 0),
+        bad(ModelConfig, "model.num_kv_heads", -8),
+        bad(ModelConfig, "model.ffn_hidden_dim", 0),
+        bad(ModelConfig, "model.max_seq_len", -1),
+        bad(ModelConfig, "model.rope_theta", INF),
+        bad(ModelConfig, "model.rope_theta", NAN),
+        bad(ModelConfig, "model.norm_eps", 0.0),
+        bad(ModelConfig, "model.norm_eps", INF),
+        bad(ModelConfig, "model.init_std", NAN),
+        bad(ModelConfig, "model.init_std", -0.02),
+        # data
+        bad(DataConfig, "data.seq_len", 0),
+        bad(DataConfig, "data.seq_len", INF),
+        bad(DataConfig, "data.vocab_size", 256),
+        bad(DataConfig, "data.vocab_size", NAN),
+        bad(DataConfig, "data.split", "98,inf,0"),
+        bad(DataConfig, "data.split", "98,nan,0"),  # nan not first: min() would have skipped it
+        bad(DataConfig, "data.split", "98,2,-1"),
+        bad(DataConfig, "data.weights", [INF], name="indexed", prefixes=["a"]),
+        bad(DataConfig, "data.weights", [1.0, NAN], name="indexed", prefixes=["a", "b"]),
+        bad(DataConfig, "data.weights", [0.0], name="indexed", prefixes=["a"]),
+        # optim
+        bad(OptimConfig, "optim.lr", INF),
+        bad(OptimConfig, "optim.lr", NAN),
+        bad(OptimConfig, "optim.lr", 0.0),
+        bad(OptimConfig, "optim.min_lr_ratio", NAN),
+        bad(OptimConfig, "optim.min_lr_ratio", -0.1),
+        bad(OptimConfig, "optim.min_lr_ratio", INF),
+        bad(OptimConfig, "optim.warmup_steps", -1),
+        bad(OptimConfig, "optim.decay_fraction", NAN),
+        bad(OptimConfig, "optim.weight_decay", INF),
+        bad(OptimConfig, "optim.weight_decay", NAN),
+        bad(OptimConfig, "optim.weight_decay", -0.1),
+        bad(OptimConfig, "optim.beta1", NAN),
+        bad(OptimConfig, "optim.beta1", 1.0),
+        bad(OptimConfig, "optim.beta2", INF),
+        bad(OptimConfig, "optim.beta2", -0.1),
+        bad(OptimConfig, "optim.eps", 0.0),
+        bad(OptimConfig, "optim.eps", INF),
+        bad(OptimConfig, "optim.eps", NAN),
+        bad(OptimConfig, "optim.grad_clip", INF),
+        bad(OptimConfig, "optim.grad_clip", NAN),
+        bad(OptimConfig, "optim.grad_clip", -1.0),
+        # trainer
+        bad(TrainerConfig, "trainer.max_steps", 0),
+        bad(TrainerConfig, "trainer.max_steps", INF),
+        bad(TrainerConfig, "trainer.global_batch_size", 0),
+        bad(TrainerConfig, "trainer.micro_batch_size", 0),
+        bad(TrainerConfig, "trainer.micro_batch_size", NAN),
+        bad(TrainerConfig, "trainer.eval_batches", 0),
+        bad(TrainerConfig, "trainer.log_every", 0),
+        bad(TrainerConfig, "trainer.eval_every", -1),
+        bad(TrainerConfig, "trainer.ckpt_every", -1),
+        bad(TrainerConfig, "trainer.num_samples", -1),
+        bad(TrainerConfig, "trainer.sample_tokens", -1),
+        bad(TrainerConfig, "trainer.keep_last", 0),
+        bad(TrainerConfig, "trainer.seed", -1),
+        bad(TrainerConfig, "trainer.seed", NAN),
+        bad(TrainerConfig, "trainer.exit_after_steps", 0),
+        bad(TrainerConfig, "trainer.exit_after_minutes", INF),
+        bad(TrainerConfig, "trainer.exit_after_minutes", NAN),
+        bad(TrainerConfig, "trainer.exit_after_minutes", 0.0),
+        bad(TrainerConfig, "trainer.exit_after_minutes", -1.0),
+        # parallel and engine
+        bad(ParallelConfig, "parallel.ep", 0),
+        bad(ParallelConfig, "parallel.ep", NAN),
+        bad(ParallelConfig, "parallel.dp_shard", INF),
+        bad(ParallelConfig, "parallel.dp_shard", -2),
+        bad(ParallelConfig, "parallel.timeout_minutes", NAN),
+        bad(ParallelConfig, "parallel.timeout_minutes", 0.0),
+        bad(ParallelConfig, "parallel.timeout_minutes", -INF),
+        bad(EngineConfig, "engine.zero_stage", NAN, name="deepspeed"),
+    ],
+)
+def test_numbers_out_of_range_name_the_key(section, key, value, others):
+    """inf, -inf, nan, negative and zero, where not allowed: refused in one line naming key=value."""
+    with pytest.raises(ConfigError) as error:
+        section(**{key.rsplit(".", 1)[1]: value}, **others)
+    message = str(error.value)
+    assert f"{key}={value!r}" in message and "\n" not in message, message
 
 
 @pytest.mark.parametrize(
@@ -177,6 +353,13 @@ def test_bad_values_name_the_key(build, message):
         (["+trainer.max_step=4"], "trainer.max_step: no such key in the schema"),
         (["++model.moe.foo=1"], "model.moe.foo: no such key in the schema"),
         (["trainer.seed=-1"], "trainer.seed=-1 must be between 0 and 2**32 - 1"),
+        # Hydra's grammar reads inf, -inf, nan (any case) and 1e999 as floats, .inf as a string
+        (["model.moe.capacity_factor=inf"], "model.moe.capacity_factor=inf must be a finite number > 0"),
+        (["optim.lr=NaN"], "optim.lr=nan must be a positive number (a finite one)"),
+        (["optim.grad_clip=1e999"], "optim.grad_clip=inf must be a finite number >= 0"),
+        (["optim.eps=.inf"], "optim.eps: Value '.inf' of type 'str' could not be converted to Float"),
+        (["trainer.max_steps=inf"], "trainer.max_steps: Value 'inf' of type 'float' could not be converted"),
+        (["trainer.out_dir="], "trainer.out_dir is empty"),
         (
             ["model=mixtral_tiny", "parallel.ep=4", "model.moe.device_aux_loss_coef=0.05"],
             "model.moe.device_aux_loss_coef=0.05 balances groups of experts, but model.moe.num_expert_groups=1",
