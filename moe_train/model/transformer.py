@@ -165,6 +165,8 @@ class Transformer(nn.Module):
         """tokens (B, T) int64 -> ModelOutput. `targets` (B, T), the next tokens, are needed only
         by multi-token prediction: without them (evaluation, generation) it is skipped."""
         T = tokens.shape[1]
+        if T > self.config.max_seq_len:  # the rotary tables end there
+            raise ValueError(f"{T} tokens are more than model.max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, Dh)
         x = self.tok_embeddings(tokens)  # (B, T, D)
         all_stats: list[MoEStats] = []

@@ -8,7 +8,9 @@ DeepSeek-V3 (sigmoid routing, with any multi-token prediction modules) or DeepSe
 See moe_train/tools/hf/. The folder loads with `AutoModelForCausalLM.from_pretrained(OUT_DIR)`
 and gives our logits. It is written aside and renamed, so an interrupted export leaves no folder
 that looks complete. A capacity factor used in training is a training-time token budget: the
-exported model routes dropless.
+exported model routes dropless (said when it is written). The tokenizer is the run's tokenizer.json
+(data=stdlib, data=indexed) where it is on this machine, or for the byte-level stream
+(data=stdlib_bytes) one that maps text to its UTF-8 bytes; without it the folder has none (said).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from moe_train.data.loader import tokenizer_file
 from moe_train.data.tokenizer import HFTokenizer
 from moe_train.tools import hf
 from moe_train.tools.cli import one_line_errors
+from moe_train.tools.hf.tokenizer import EOS as BYTE_EOS
+from moe_train.tools.hf.tokenizer import write_byte_tokenizer
 from moe_train.train.checkpoint import load_model
 
 SHARD_SIZE = "5GB"
@@ -48,6 +52,14 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
             "(the model's own logits do not use them)",
             arch,
         )
+    moe = config.model.moe
+    if moe.num_experts and moe.capacity_factor is not None:
+        log.warning(
+            "model.moe.capacity_factor=%s is a training-time token budget that %s has no place for: "
+            "the exported model routes every token (dropless), as our sampling does",
+            moe.capacity_factor,
+            arch,
+        )
     hf_config = hf.hf_config(config.model)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -55,11 +67,11 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     path = tokenizer_file(config.data)
     tokenizer = HFTokenizer(path) if path is not None else None
     if tokenizer is not None:
-        eos_id = tokenizer.eos_id
+        eos_id, eos_token = tokenizer.eos_id, tokenizer.eos_token
     elif config.data.name == "stdlib_bytes":
-        eos_id = ByteTokenizer().eos_id
+        eos_id, eos_token = ByteTokenizer().eos_id, BYTE_EOS
     else:
-        eos_id = None
+        eos_id = eos_token = None
         log.warning("the tokenizer of data=%s is not on this machine: exported without one", config.data.name)
     try:
         hf_config.architectures = [type(hf_config).__name__.replace("Config", "ForCausalLM")]
@@ -77,12 +89,16 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if tokenizer is not None:
             shutil.copy(tokenizer.path, tmp / "tokenizer.json")
+        elif eos_token is not None:
+            write_byte_tokenizer(tmp / "tokenizer.json")
+        if eos_token is not None:
             (tmp / "tokenizer_config.json").write_text(
                 json.dumps(
                     {
                         "tokenizer_class": "PreTrainedTokenizerFast",
-                        "eos_token": tokenizer.eos_token,
+                        "eos_token": eos_token,
                         "model_max_length": config.model.max_seq_len,
+                        "clean_up_tokenization_spaces": False,
                     },
                     indent=2,
                 )

@@ -8,11 +8,13 @@ rope scaling and YaRN (DeepSeek-V2/V3's) are kept (model.rope_scaling), so a Lla
 can be upcycled into an MoE and a DeepSeek-V2-Lite trained on.
 OUT_DIR is a weights-only checkpoint whose config.yaml carries the architecture;
 `trainer.init_from` starts a run from it with a fresh optimizer. Mistral's sliding window becomes
-model.max_seq_len (full causal attention equals sliding-window attention up to the window). A
-DeepSeek-V3 model comes with V3's training-time balancing (the routing bias moved by 0.001 per
-step, a sequence-wise aux loss of 0.0001) and its multi-token prediction module where the checkpoint
-has one, weighed 0.1 (V3's weight for its last 4.8T tokens); change them with model.moe.* and
-model.mtp.* overrides beside trainer.init_from.
+model.max_seq_len (full causal attention equals sliding-window attention up to the window), and a
+DeepSeek-V2's norm_topk_prob=true is not applied (as in transformers): both said on import.
+Quantized checkpoints (a quantization_config, float8 or integer tensors, quantization scales) are
+refused, whatever the architecture. A DeepSeek-V3 model comes with V3's training-time balancing
+(the routing bias moved by 0.001 per step, a sequence-wise aux loss of 0.0001) and its multi-token
+prediction module where the checkpoint has one, weighed 0.1 (V3's weight for its last 4.8T tokens);
+change them with model.moe.* and model.mtp.* overrides beside trainer.init_from.
 """
 
 from __future__ import annotations

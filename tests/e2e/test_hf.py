@@ -11,11 +11,14 @@ import pytest
 import torch
 
 from moe_train.config import ConfigError, MLAConfig
+from moe_train.data import ByteTokenizer
+from moe_train.model import Transformer
+from moe_train.tools import import_hf
 from moe_train.tools.export_hf import export
-from moe_train.tools.hf import from_hf_config, to_hf
+from moe_train.tools.hf import architecture, from_hf_config, to_hf
 from moe_train.tools.hydra_config import compose_config
 from moe_train.tools.import_hf import import_folder
-from moe_train.train.checkpoint import load_config, load_model, resolve_checkpoint
+from moe_train.train.checkpoint import load_config, load_model, resolve_checkpoint, save_weights
 from moe_train.train.trainer import run
 from tests.conftest import TINY
 
@@ -40,8 +43,14 @@ def trained(tmp_path, *overrides, name="run"):
     return out
 
 
-def logits_agree(ours, hf_model, vocab):
-    tokens = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+def initialised(tmp_path, *overrides):
+    """A checkpoint of a model at its initialisation: for what training would not change."""
+    config = compose_config([*TINY, "model.vocab_size=256", *overrides])
+    return save_weights(config, Transformer(config.model), tmp_path / "init")
+
+
+def logits_agree(ours, hf_model, vocab, length=24):
+    tokens = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return (ours(tokens).logits - hf_model(tokens).logits).abs().max().item()
 
@@ -114,6 +123,29 @@ def test_export_then_import_gives_back_the_same_weights_and_routing(tmp_path, ov
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize(
+    "overrides,architecture_name",
+    [(["model.mtp.num_layers=1"], "DeepseekV3ForCausalLM"), (["model.moe.score_function=softmax"], "DeepseekV2ForCausalLM")],
+    ids=["v3-mtp", "v2"],
+)  # fmt: skip
+def test_a_dense_model_with_latent_attention_round_trips(tmp_path, overrides, architecture_name):
+    """No routed experts: every layer dense (first_k_dense_replace = the layer count); the import
+    reads no routing and keeps the architecture, so that the model exports back to the same one."""
+    dense = ["model=deepseek_v3_tiny", "model.moe.num_experts=0", "model.moe.num_shared_experts=0"]
+    source = initialised(tmp_path, *dense, *overrides)
+    out = export(source, tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(hf_model).__name__ == architecture_name
+    _, original = load_model(source)
+    assert logits_agree(original, hf_model, 256) < 1e-4
+    config, again = load_model(import_folder(out, tmp_path / "imported"))
+    assert config.model.moe.num_experts == 0 and config.model.mla == load_config(source).model.mla
+    assert architecture(config.model) == architecture(load_config(source).model)
+    for (name, a), (_, b) in zip(original.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert logits_agree(original, again, 256) == 0
+
+
 def test_a_deepseek_v3_whose_weights_lack_its_mtp_module_imports_without_it(tmp_path, caplog):
     out = export(trained(tmp_path, "model=deepseek_v3_tiny"), tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
@@ -124,7 +156,7 @@ def test_a_deepseek_v3_whose_weights_lack_its_mtp_module_imports_without_it(tmp_
     assert f"the weights lack them (model.layers.{layers}.eh_proj.weight)" in caplog.text
 
 
-def test_import_a_transformers_mistral_and_train_from_it(tmp_path):
+def test_import_a_transformers_mistral_and_train_from_it(tmp_path, caplog):
     config = transformers.MistralConfig(
         vocab_size=256,
         hidden_size=64,
@@ -140,9 +172,15 @@ def test_import_a_transformers_mistral_and_train_from_it(tmp_path):
     mistral = transformers.AutoModelForCausalLM.from_config(config)
     mistral.save_pretrained(tmp_path / "mistral")
     out = import_folder(tmp_path / "mistral", tmp_path / "ours")
+    assert (
+        "sliding_window=32 in config.json: imported with model.max_seq_len=32, not "
+        "max_position_embeddings=128, the length up to which our full causal attention equals the window"
+    ) in caplog.text
     model_config, ours = load_model(out)
     assert model_config.model.max_seq_len == 32  # the sliding window
-    assert logits_agree(ours, mistral, 256) < 1e-4
+    assert logits_agree(ours, mistral, 256, length=32) < 1e-4  # exact up to the window
+    with pytest.raises(ConfigError, match="data.seq_len=64 must be <= model.max_seq_len=32"):
+        trained(tmp_path, f"trainer.init_from={out}", "data.seq_len=64", name="longer")
     trained(tmp_path, f"trainer.init_from={out}")
 
 
@@ -170,10 +208,13 @@ def test_a_llama3_with_scaled_rotary_frequencies_imports_exports_and_trains(tmp_
 
 
 @pytest.mark.parametrize("model_type,mscale", [("deepseek_v3", 1.0), ("deepseek_v2", 0.707)])
-def test_a_deepseek_with_yarn_imports_with_the_same_logits_and_exports_back(tmp_path, model_type, mscale):
+def test_a_deepseek_with_yarn_imports_with_the_same_logits_and_exports_back(
+    tmp_path, caplog, model_type, mscale
+):
     """DeepSeek-V2/V3's published checkpoints extend their context with YaRN: frequencies
     interpolated, and the softmax scale multiplied by m(mscale_all_dim)^2 = (1 + 0.1 mscale
-    ln(factor))^2. Positions up to 96 with an original context of 16."""
+    ln(factor))^2. Positions up to 96 with an original context of 16. The V2 one says
+    norm_topk_prob=true, which transformers does not apply: imported as it computes, with a notice."""
     rope = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16,
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": mscale, "mscale_all_dim": mscale}  # fmt: skip
     shape = dict(
@@ -185,13 +226,20 @@ def test_a_deepseek_with_yarn_imports_with_the_same_logits_and_exports_back(tmp_
     if model_type == "deepseek_v3":
         config = transformers.DeepseekV3Config(q_lora_rank=24, n_group=1, topk_group=1, **shape)
     else:
-        config = transformers.DeepseekV2Config(q_lora_rank=None, topk_method="greedy", **shape)
+        config = transformers.DeepseekV2Config(
+            q_lora_rank=None, topk_method="greedy", norm_topk_prob=True, **shape
+        )
     torch.manual_seed(0)
     deepseek = transformers.AutoModelForCausalLM.from_config(config)
     deepseek.save_pretrained(tmp_path / model_type)
     out = import_folder(tmp_path / model_type, tmp_path / "ours")
     model_config, ours = load_model(out)
     assert model_config.model.rope_scaling.type == "yarn"
+    assert model_config.model.moe.renormalize == (model_type == "deepseek_v3")  # both say norm_topk_prob=true
+    ignored = (
+        "norm_topk_prob=true in config.json is not applied: transformers' DeepSeek-V2 does not renormalise"
+    )
+    assert (ignored in caplog.text) == (model_type == "deepseek_v2")
     tokens = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(tokens).logits - deepseek(tokens).logits).abs().max() < 1e-4
@@ -256,11 +304,86 @@ def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_export_refuses_an_existing_folder(tmp_path):
-    run_dir = trained(tmp_path)
+def test_export_of_a_byte_level_run_with_a_capacity_factor(tmp_path, caplog):
+    """An existing folder is refused; the capacity factor that is not exported is said; the byte
+    stream's tokenizer goes out as a tokenizer.json that gives ByteTokenizer's ids."""
+    run_dir = trained(tmp_path, "model.moe.capacity_factor=1.25")
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="already exists"):
         export(run_dir, tmp_path / "taken")
+    out = export(run_dir, tmp_path / "hf")
+    assert (
+        "model.moe.capacity_factor=1.25 is a training-time token budget that mixtral has no place for: "
+        "the exported model routes every token (dropless), as our sampling does"
+    ) in caplog.messages
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token_id == 0 and len(tokenizer) == 256
+    byte = ByteTokenizer()
+    for text in ["def f(x):\n\treturn x , 1", "é ü 漢字 🙂", "a\x00b", "<0x00> <0xC3> Ā <|endoftext|>", ""]:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == byte.encode(text), text
+        assert tokenizer.decode([*ids, 0], skip_special_tokens=True) == byte.decode([*ids, 0])
+
+
+# (how the checkpoint is quantized, the message naming it)
+QUANTIZED = {
+    "fp8-declared": ("quantization_config", "config.json has a quantization_config (fp8)"),
+    "fp8": (torch.float8_e4m3fn, "model.layers.0.self_attn.o_proj.weight is float8_e4m3fn"),
+    "int8": (torch.int8, "model.layers.0.self_attn.o_proj.weight is int8"),
+    "uint8-packed-int4": (torch.uint8, "model.layers.0.self_attn.o_proj.weight is uint8"),
+    "int32-packed-int4": (torch.int32, "model.layers.0.self_attn.o_proj.weight is int32"),
+    "scale-only": ("weight_scale", "model.layers.0.self_attn.o_proj.weight_scale is a quantization scale"),
+}
+
+
+@pytest.mark.parametrize(
+    "model_type,quantized",
+    [("llama", "fp8-declared"), ("mistral", "fp8"), ("mixtral", "int8"), ("qwen2_moe", "uint8-packed-int4"),
+     ("llama", "int32-packed-int4"), ("mixtral", "scale-only")],
+)  # fmt: skip
+def test_quantized_folders_are_refused_in_one_line_whatever_the_architecture(
+    tmp_path, capsys, model_type, quantized
+):
+    """Quantized codes cast to float are numbers of the wrong size: refused, whether config.json
+    declares them or only the tensors show it (their dtype, or a scale beside them)."""
+    from safetensors.torch import load_file, save_file
+
+    shape = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**shape),
+        "mistral": lambda: transformers.MistralConfig(**shape, sliding_window=None),
+        "mixtral": lambda: transformers.MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**shape, num_experts=4, **moe),
+    }[model_type]()
+    folder = tmp_path / model_type
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    how, message = QUANTIZED[quantized]
+    tensors = load_file(folder / "model.safetensors")
+    key = "model.layers.0.self_attn.o_proj.weight"
+    if how == "quantization_config":
+        hf = json.loads((folder / "config.json").read_text())
+        hf["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+        (folder / "config.json").write_text(json.dumps(hf))
+        tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+        tensors[key + "_scale_inv"] = torch.ones(1)
+    elif how == "weight_scale":
+        tensors[key + "_scale"] = torch.ones(1)
+    elif how.is_floating_point:  # DeepSeek-V3's layout: float8 codes and their inverse scales
+        tensors[key] = tensors[key].to(how)
+        tensors[key + "_scale_inv"] = torch.ones(1)
+    else:  # integer codes, such as packed int4 pairs or bitsandbytes' bytes
+        tensors[key] = tensors[key].to(torch.float8_e4m3fn).view(torch.uint8).to(how)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()  # transformers' progress bars
+    with pytest.raises(SystemExit) as exit_code:
+        import_hf.main([str(folder), str(tmp_path / "out")])
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: quantized weights are not supported: {message}; convert them to bf16 first\n"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
 def test_export_refuses_routing_it_cannot_express(tmp_path):

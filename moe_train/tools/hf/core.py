@@ -4,6 +4,7 @@ model, state dict <-> Hub tensors, config.json's common fields both ways, readin
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from moe_train.tools.hf.llama import Llama
 from moe_train.tools.hf.mixtral import Mixtral
 from moe_train.tools.hf.qwen2_moe import Qwen2Moe
 from moe_train.tools.hf.rope import rope_parameters, rope_scaling
+
+log = logging.getLogger(__name__)
 
 # A model exports to the first adapter that claims it; import lists the model types in this order.
 ADAPTERS: list[Adapter] = [Llama(), Mixtral(), Qwen2Moe(), DeepSeek("deepseek_v2"), DeepSeek("deepseek_v3")]
@@ -118,6 +121,7 @@ def from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
 
 
 def _from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
+    refuse_quantized_config(hf)
     model_type = hf.get("model_type")
     if model_type not in _BY_TYPE:
         raise ConfigError(f"model_type {model_type!r} is not supported; import takes {', '.join(_BY_TYPE)}")
@@ -135,8 +139,17 @@ def _from_hf_config(hf: dict) -> tuple[ModelConfig, str]:
             f"head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}; not supported"
         )
     max_len = hf.get("max_position_embeddings", 4096)
-    if hf.get("sliding_window") and hf.get("use_sliding_window", True):
-        max_len = min(max_len, hf["sliding_window"])  # full causal == sliding window up to the window
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    if window and window < max_len:  # full causal attention equals the window only up to its width
+        log.warning(
+            "sliding_window=%d in config.json: imported with model.max_seq_len=%d, not "
+            "max_position_embeddings=%d, the length up to which our full causal attention equals the "
+            "window (a larger model.max_seq_len beside trainer.init_from attends past the window)",
+            window,
+            window,
+            max_len,
+        )
+        max_len = window
     sections = adapter.from_hf(hf)  # moe, mla, mtp where the architecture has them
     config = ModelConfig(
         name=f"{model_type}_import",
@@ -170,13 +183,49 @@ def read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         files = ["model.safetensors"]
     else:
         raise ConfigError(f"{folder} has no model.safetensors (or index); only safetensors weights are read")
+    hf = _read_json(config_path)
+    refuse_quantized_config(hf)  # before reading what may be hundreds of gigabytes
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         try:
-            tensors.update(load_file(folder / name))
+            part = load_file(folder / name)
         except Exception as e:  # missing, cut short (an interrupted download), not safetensors
             raise ConfigError(f"{folder / name} cannot be read: {first_line(e)}") from None
-    return _read_json(config_path), tensors
+        refuse_quantized_tensors(part)
+        tensors.update(part)
+    return hf, tensors
+
+
+# Quantized checkpoints: float8 codes, int8 and packed int4 (GPTQ/AWQ's int32, bitsandbytes' uint8)
+# next to their scales. Cast to float they would be numbers of the wrong size, so they are refused
+# whichever the architecture, also where config.json does not say so.
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_SCALE_SUFFIXES = ("_scale", "_scale_inv", ".scales")
+_DEQUANTIZE = "convert them to bf16 first"
+
+
+def refuse_quantized_config(hf: dict) -> None:
+    """A ConfigError if config.json declares quantized weights."""
+    quantization = hf.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise ConfigError(
+            f"quantized weights are not supported: config.json has a quantization_config"
+            f"{f' ({method})' if method else ''}; {_DEQUANTIZE}"
+        )
+
+
+def refuse_quantized_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """A ConfigError naming the first tensor (by name: a weight before its scale) that is quantized
+    or a quantization scale."""
+    for key, tensor in sorted(tensors.items()):
+        if tensor.dtype not in _WEIGHT_DTYPES:
+            what = str(tensor.dtype).removeprefix("torch.")
+            raise ConfigError(f"quantized weights are not supported: {key} is {what}; {_DEQUANTIZE}")
+        if key.endswith(_SCALE_SUFFIXES):
+            raise ConfigError(
+                f"quantized weights are not supported: {key} is a quantization scale; {_DEQUANTIZE}"
+            )
 
 
 def _read_json(path: Path) -> dict:

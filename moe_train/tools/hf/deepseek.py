@@ -3,10 +3,14 @@ DeepSeek-V2 (softmax routing), with V3's multi-token prediction modules where it
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from moe_train.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, MTPConfig
 from moe_train.tools.hf.adapter import MLP_NAMES, Adapter, Layout, empty_mlp, refuse_unsupported
+
+log = logging.getLogger(__name__)
 
 _MLA = [  # the rotary rows of wq / wq_b and wkv_a are permuted (Layout.interleaved)
     ("attention.q_norm.weight", "self_attn.q_a_layernorm.weight"),
@@ -127,7 +131,8 @@ class DeepSeek(Adapter):
 
         moe, mla = config.moe, config.mla
         routed = moe.num_experts > 0
-        groups = dict(n_group=moe.num_expert_groups, topk_group=moe.topk_groups) if moe.topk_groups else {}
+        limited = routed and moe.topk_groups
+        groups = dict(n_group=moe.num_expert_groups, topk_group=moe.topk_groups) if limited else {}
         common = dict(
             common,
             num_key_value_heads=config.num_heads,
@@ -157,13 +162,37 @@ class DeepSeek(Adapter):
         return DeepseekV2Config(topk_method=topk_method, norm_topk_prob=False, **groups, **common)
 
     def from_hf(self, hf: dict) -> dict:
-        if hf.get("quantization_config"):
-            raise ConfigError(
-                "quantized weights (quantization_config) are not supported; convert them to bf16 first"
-            )
-        model_type, v3 = self.model_type, self.v3
+        v3 = self.v3
         if v3 and not hf.get("rope_interleave", True):
             raise ConfigError("rope_interleave=false is not supported (DeepSeek's checkpoints interleave)")
+        mla = MLAConfig(
+            kv_lora_rank=hf["kv_lora_rank"],
+            q_lora_rank=hf.get("q_lora_rank") or 0,
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
+        )
+        if not hf.get("n_routed_experts") or hf.get("first_k_dense_replace", 0) >= hf["num_hidden_layers"]:
+            # dense (how a dense model with MLA exports): no routing to read; the score function
+            # keeps the architecture, so that it exports back to this one
+            moe = MoEConfig(num_experts=0, score_function="sigmoid" if v3 else "softmax")
+        else:
+            moe = self._routing(hf)
+        if not v3:
+            return {"moe": moe, "mla": mla}
+        # V3 weighed its MTP loss 0.3, then 0.1 for its last 4.8T tokens
+        mtp = MTPConfig(num_layers=hf.get("num_nextn_predict_layers") or 0, loss_coef=0.1)
+        return {"moe": moe, "mla": mla, "mtp": mtp}
+
+    def _routing(self, hf: dict) -> MoEConfig:
+        """The MoE settings of a config.json with routed experts."""
+        model_type, v3 = self.model_type, self.v3
+        if not v3 and hf.get("norm_topk_prob"):
+            log.warning(
+                "norm_topk_prob=true in config.json is not applied: transformers' DeepSeek-V2 does not "
+                "renormalise the top-k weights (DeepSeek's own code does); imported with "
+                "model.moe.renormalize=false, as transformers computes it"
+            )
         k, groups, limit = hf["num_experts_per_tok"], hf.get("n_group") or 1, hf.get("topk_group") or 1
         limited = limit < groups and (v3 or hf.get("topk_method", "greedy") == "group_limited_greedy")
         if limited and k != self.per_group * limit:
@@ -175,7 +204,7 @@ class DeepSeek(Adapter):
             raise ConfigError(
                 f"topk_method {hf['topk_method']!r} is not supported (greedy or group_limited_greedy)"
             )
-        moe = MoEConfig(
+        return MoEConfig(
             num_experts=hf["n_routed_experts"],
             top_k=k,
             num_shared_experts=hf.get("n_shared_experts") or 0,
@@ -192,20 +221,6 @@ class DeepSeek(Adapter):
             aux_loss_coef=0.0001 if v3 else 0.001,
             z_loss_coef=0.0,
         )
-        if moe.first_k_dense >= hf["num_hidden_layers"]:
-            moe = MoEConfig()
-        mla = MLAConfig(
-            kv_lora_rank=hf["kv_lora_rank"],
-            q_lora_rank=hf.get("q_lora_rank") or 0,
-            qk_nope_head_dim=hf["qk_nope_head_dim"],
-            qk_rope_head_dim=hf["qk_rope_head_dim"],
-            v_head_dim=hf["v_head_dim"],
-        )
-        if not v3:
-            return {"moe": moe, "mla": mla}
-        # V3 weighed its MTP loss 0.3, then 0.1 for its last 4.8T tokens
-        mtp = MTPConfig(num_layers=hf.get("num_nextn_predict_layers") or 0, loss_coef=0.1)
-        return {"moe": moe, "mla": mla, "mtp": mtp}
 
 
 def _interleaved_rows(num_rows: int, starts: range, rope_dim: int) -> torch.Tensor:
