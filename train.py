@@ -5,8 +5,9 @@
     torchrun --nproc_per_node=4 train.py parallel.ep=4
 
 Composes conf/ with the command line (Hydra), turns it into the typed Config once, trains.
-A configuration mistake prints one line naming the key and exits with code 2; a run whose loss or
-gradient norm stops being finite prints one line and exits with code 1, before saving anything.
+A configuration mistake (a trainer.out_dir or data.cache_dir that is a file, too) prints one line
+naming the key and exits with code 2; a run whose loss or gradient norm stops being finite, or whose
+checkpoint cannot be written (a full disk), prints one line and exits with code 1.
 """
 
 import logging
@@ -21,6 +22,7 @@ from moe_train.config import ConfigError
 from moe_train.parallel.topology import launcher_env
 from moe_train.tools.cli import exit_on_config_error, retain_freed_memory
 from moe_train.tools.hydra_config import apply_init_from, compose_config, register_schema, to_config
+from moe_train.train.checkpoint import CheckpointNotSaved, check_run_folders
 from moe_train.train.trainer import Diverged, run
 
 
@@ -33,7 +35,7 @@ def main(cfg: DictConfig) -> None:
         run(config)
     except ConfigError as e:
         exit_on_config_error(e)
-    except Diverged as e:  # every rank stops at the same step: one of them says why
+    except (Diverged, CheckpointNotSaved) as e:  # every rank stops at the same step: one says why
         if launcher_env()[1] == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -41,12 +43,13 @@ def main(cfg: DictConfig) -> None:
 
 def preflight(argv: list[str]) -> None:
     """Hydra reports composition mistakes (an unknown preset or key) over several lines with exit
-    code 1; compose once here first so they get our one line and exit code 2. Sweeps (-m) and
-    Hydra's own flags go straight to Hydra."""
+    code 1; compose once here first so they get our one line and exit code 2, as do the folders
+    the run writes (Hydra creates trainer.out_dir before main). Sweeps (-m) and Hydra's own flags
+    go straight to Hydra."""
     if any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):
         return
     try:
-        compose_config([a for a in argv if not a.startswith(("hydra.", "hydra/"))])
+        check_run_folders(compose_config([a for a in argv if not a.startswith(("hydra.", "hydra/"))]))
     except ConfigError as e:
         exit_on_config_error(e)
 

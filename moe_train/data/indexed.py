@@ -4,14 +4,16 @@ Sample g is the same on every run with the same config, so the data position is 
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_train.config import ConfigError
+from moe_train.config import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,27 @@ def _validation_documents(documents: int, split: str) -> int:
     return round(val_end * n) - round(train_end * n)
 
 
+def _drop_unreadable_caches(cache_dir: Path) -> None:
+    """Megatron loads an index cache whose files all exist, and writes them in place: a process
+    killed while writing one leaves an .npy cut short, which would fail every later start. Delete
+    each cache (the files whose names agree up to the last '-') with an .npy that does not read
+    back as megatron reads it, so that it is built again."""
+    if not cache_dir.is_dir():
+        return
+    for path in sorted(cache_dir.glob("*.npy")):
+        try:
+            if path.exists():  # not deleted with an earlier file of its cache
+                np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            log.warning(
+                "the index cache %s does not read back (%s; left by a run killed while writing it?): "
+                "building it again",
+                path, first_line(e),
+            )  # fmt: skip
+            for stale in cache_dir.glob(glob.escape(path.name.rsplit("-", 1)[0]) + "-*"):
+                stale.unlink(missing_ok=True)
+
+
 class _TokenizerInfo:
     """What GPTDataset asks of a tokenizer: the vocabulary size and the end-of-document id."""
 
@@ -130,7 +153,8 @@ def build_gpt_datasets(
     """Train and validation samples of the blend; every prefix is checked first.
 
     Megatron's builder splits each corpus's documents by the `split` weights, shuffles from the seed
-    and caches the sample indices in cache_dir (rank 0 builds them, the other ranks load them)."""
+    and caches the sample indices in cache_dir (rank 0 builds them, the other ranks load them); a
+    cache that a killed process left cut short is built again."""
     tokens, documents = zip(*(check_prefix(prefix) for prefix in prefixes))
     for prefix, count in zip(prefixes, documents):
         if _validation_documents(count, split) == 0:
@@ -159,6 +183,8 @@ def build_gpt_datasets(
         datasets.gpt_dataset.GPTDataset, [num_train, num_valid, 0], lambda: True, config
     )
     with _process_group():
+        if dist.get_rank() == 0:  # the rank that builds them; the others load them after it
+            _drop_unreadable_caches(cache_dir)
         train, valid, _ = builder.build()
     if train is None or valid is None or len(valid) < num_valid:
         raise ConfigError(f"data.split={split!r} leaves no validation documents in {', '.join(prefixes)}")

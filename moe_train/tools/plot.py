@@ -88,7 +88,14 @@ def main(argv: list[str]) -> None:
             sys.exit(2)
         runs[run_dir.name] = metrics
     out_dir = args.out or args.run_dirs[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"error: --out {out_dir} is a file, not a folder", file=sys.stderr)
+        sys.exit(2)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file above it, a folder we may not write
+        print(f"error: --out {out_dir} cannot be created: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
     plot_losses(runs, out_dir / "loss.png")
     written = [out_dir / "loss.png", *plot_expert_load(runs[args.run_dirs[0].name], out_dir)]
     for path in written:

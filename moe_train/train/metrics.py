@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,6 +50,20 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return metrics
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write `text` beside `path`, then rename it over: a kill midway leaves the old file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step; mirrors the scalars to wandb."""
 
@@ -57,7 +72,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A run that crashed after its last checkpoint logged steps that the resumed run repeats.
         kept = [m for m in read_metrics(self.path.parent) if m.get("step", 0) <= resumed_step]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        _replace(self.path, "".join(json.dumps(m) + "\n" for m in kept))
         self.wandb = None
         wandb_cfg = config.logging.wandb
         if wandb_cfg.mode != "disabled":

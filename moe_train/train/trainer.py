@@ -148,6 +148,8 @@ class Trainer:
         elif t.init_from:
             load_weights(t.init_from, self.model, self.topology)
             log.info("starting from the weights of %s", t.init_from)
+        if self.progress.step < t.max_steps:  # a disk still full says so now, not at the next save
+            self.checkpointer.check_space()
 
     def fit(self, callbacks: list[Callback] | None = None) -> None:
         """Resume if asked, then train to trainer.max_steps (or an early exit). `callbacks`

@@ -180,11 +180,17 @@ def _refuse_weights_model_lacks(stored: dict, model: dict, dropped_depths: set[i
         )
 
 
+def underlying(error: BaseException) -> BaseException:
+    """The error under DCP's wrapper: the first failing rank's (DCP gathers each rank's failure)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        return next(iter(error.failures.values()))[0]
+    return error
+
+
 def reason(error: BaseException) -> str:
     """How a failed checkpoint read is quoted: the first line of the underlying error (DCP wraps
     each rank's failure), or what a file cut short means."""
-    if isinstance(error, CheckpointException) and error.failures:
-        error = next(iter(error.failures.values()))[0]
+    error = underlying(error)
     if isinstance(error, EOFError):
         return "one of its files ends too early (cut short or damaged)"
     return first_line(error)

@@ -1,10 +1,12 @@
 """A run's checkpoints/ folder: step folders saved atomically and pruned to keep_last, the run's
-lock on its out_dir, and the checks before a resume."""
+lock on its out_dir, the checks of the folders a run writes, before a resume and before a save."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
+import math
 import os
 import re
 import shutil
@@ -16,15 +18,46 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 
 from moe_train.config import Config, ConfigError, ModelConfig
 from moe_train.parallel.topology import Topology
 from moe_train.train.checkpoint.compat import load_config, refuse_other_kind
-from moe_train.train.checkpoint.dcp_io import reason
+from moe_train.train.checkpoint.dcp_io import reason, underlying
 
 log = logging.getLogger(__name__)
 
 _STEP_FOLDER = re.compile(r"^step_(\d+)$")
+_NEARLY_FULL = 2**20  # free bytes below which a failed write is put down to a full filesystem
+
+
+class CheckpointNotSaved(RuntimeError):
+    """A checkpoint could not be written (its filesystem is full, say): the run stops with one line
+    (train.py, exit code 1), its earlier checkpoints intact and no .tmp folder left behind."""
+
+
+def check_folder(key: str, path: str | Path) -> None:
+    """`path`, the value of setting `key`, is a folder this process can write (created if missing):
+    a file in its place or above it is one line (ConfigError) before any work."""
+    path = Path(path).expanduser()
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == path:
+        raise ConfigError(f"{key}={path} is a file, not a folder")
+    if blocker is not None:
+        raise ConfigError(f"{key}={path} cannot be created: {blocker} is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}={path} cannot be created: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path} is not writable (permission denied)")
+
+
+def check_run_folders(config: Config) -> None:
+    """The folders a run writes: trainer.out_dir, and data.cache_dir where its data uses one."""
+    check_folder("trainer.out_dir", config.trainer.out_dir)
+    if config.data.name != "stdlib_bytes":
+        check_folder("data.cache_dir", config.data.cache_dir)
 
 
 def step_folder(step: int) -> str:
@@ -48,6 +81,38 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if is_complete(p)), key=step_of)
+
+
+def _delete(folder: Path) -> None:
+    """Rename a checkpoint aside, then delete it: a kill midway leaves step_X.deleting, which
+    remove_partial finishes, never a step_X that looks complete and has lost its shards."""
+    doomed = folder.with_name(folder.name + ".deleting")
+    folder.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def _bytes_on_disk(folder: Path) -> int:
+    """The space a folder's files take (their size, or the blocks they hold where that is more)."""
+    total = 0
+    for path in folder.rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            total += max(stat.st_size, stat.st_blocks * 512)
+    return total
+
+
+def _free_bytes(folder: Path) -> int:
+    """What this process may still write on the filesystem of `folder`."""
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _size(num_bytes: int) -> str:
+    """4418945 -> '4.2 MiB'."""
+    if num_bytes < 1024:
+        return f"{num_bytes} bytes"
+    power = min(int(math.log(num_bytes, 1024)), 4)
+    return f"{num_bytes / 1024**power:.1f} {('KiB', 'MiB', 'GiB', 'TiB')[power - 1]}"
 
 
 @dataclass
@@ -137,11 +202,68 @@ class Checkpointer:
         self.topology.barrier()
 
     def remove_partial(self) -> None:
-        """Delete folders left by a save that crashed (rank 0)."""
+        """Rank 0: delete the folders that a save (step_X.tmp) or a pruning (step_X.deleting) cut
+        short left, and name the step folders without config.yaml, which resume passes over and a
+        save of their step replaces."""
         if self.topology.is_main and self.dir.is_dir():
-            for p in self.dir.glob("*.tmp"):
+            for p in [*self.dir.glob("*.tmp"), *self.dir.glob("*.deleting")]:
                 shutil.rmtree(p, ignore_errors=True)
+            for p in sorted(self.dir.iterdir()):
+                if step_of(p) is not None and not is_complete(p):
+                    log.warning(
+                        "%s has no config.yaml (written last: a save or a copy cut short?): it is not "
+                        "resumed from, and a save of step %d replaces it",
+                        p, step_of(p),
+                    )  # fmt: skip
         self.topology.barrier()
+
+    def check_space(self, what: str | None = None) -> None:
+        """All ranks: stop before writing a checkpoint (`what`; default: the next one) that would
+        not fit: it takes about as much space as the newest one. Rank 0 looks, the ranks agree; a
+        run without a checkpoint yet is not checked (a save that fills the disk is reported then)."""
+        message = None
+        previous = self.latest() if self.topology.is_main else None
+        if previous is not None:
+            free = _free_bytes(self.dir)
+            if free < _bytes_on_disk(previous):
+                message = self._no_space(what or f"the next checkpoint in {self.dir}", free, previous)
+        if self.topology.any(message is not None):
+            raise CheckpointNotSaved(message or "rank 0 found no space for the next checkpoint")
+
+    def _no_space(self, what: str, free: int, previous: Path | None, written: int = 0) -> str:
+        """The one line of a full disk: what needs how much (as much as `previous`; without one,
+        more than was `written` when the disk filled up), how much is free, how to go on."""
+        if previous is not None:
+            need = f"about {_size(_bytes_on_disk(previous))} (the size of {previous.name})"
+            resume = f"trainer.resume=auto continues from {previous.name}, which is intact"
+        else:
+            need = f"more than the {_size(written)} written when the disk filled up"
+            resume = "nothing was saved yet"
+        return (
+            f"no space for {what}: it needs {need} but {_size(free)} is free there; free some space "
+            f"and run again ({resume})"
+        )
+
+    def _not_saved(self, final: Path, error: BaseException | None) -> CheckpointNotSaved | None:
+        """After a failed save, on every rank (their writes have ended: DCP gathers their outcome):
+        rank 0 deletes the .tmp folder; returns what to raise instead of `error` (None: `error`
+        itself). A full disk says how much the checkpoint needs and how much is free; another
+        filesystem error names the folder. error=None: this rank succeeded, another one failed."""
+        tmp = final.with_name(final.name + ".tmp")
+        main = self.topology.is_main
+        written = _bytes_on_disk(tmp) if main and tmp.is_dir() else 0
+        full = _free_bytes(self.dir) < _NEARLY_FULL  # before the .tmp folder frees its space
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            return CheckpointNotSaved(f"checkpoint {final} was not saved: rank 0 says why")
+        cause = underlying(error)
+        if full or getattr(cause, "errno", None) == errno.ENOSPC:
+            free = _free_bytes(self.dir)
+            return CheckpointNotSaved(self._no_space(f"checkpoint {final}", free, self.latest(), written))
+        if isinstance(cause, OSError):  # a quota, a read-only filesystem, a permission
+            return CheckpointNotSaved(f"cannot write checkpoint {final}: {reason(error)}")
+        return None
 
     def save(self, config: Config, engine, progress: Progress) -> Path:
         """All ranks: the engine writes its state into step_X.tmp, and once every rank's files are
@@ -151,12 +273,19 @@ class Checkpointer:
         self.finish()
         topo = self.topology
         final = self.dir / step_folder(progress.step)
+        self.check_space(f"checkpoint {final}")
         tmp = final.with_name(final.name + ".tmp")
         if topo.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         topo.barrier("barrier (checkpoint start)")
-        written = engine.save(tmp, _progress_state(progress), self.background)
+        try:
+            written = engine.save(tmp, _progress_state(progress), self.background)
+        except (Exception, CheckpointException) as e:
+            not_saved = self._not_saved(final, e)
+            if not_saved is None:
+                raise
+            raise not_saved from e
         self._in_flight = (written, final, OmegaConf.to_yaml(OmegaConf.structured(config)))
         if not self.background:
             self.finish()
@@ -165,37 +294,52 @@ class Checkpointer:
     def finish(self, all_ranks: bool = True) -> Path | None:
         """Complete the save in flight, if any, and return its folder: wait until this rank's files
         are written (on rank 0: every rank's, DCP's metadata last), then rank 0 writes config.yaml,
-        renames and prunes. all_ranks=False (a run stopped by an error, where another rank may be
-        gone): no barrier, and a failed write is logged, its .tmp folder left for the next run to
-        delete."""
+        renames and prunes. A failed write deletes the .tmp folder and raises (CheckpointNotSaved
+        where the filesystem is to blame) on every rank. all_ranks=False (a run stopped by an
+        error, where another rank may be gone): nothing waits for the other ranks, and a failed
+        write is logged."""
         if self._in_flight is None:
             return None
         written, final, config_yaml = self._in_flight
         self._in_flight = None
         tmp = final.with_name(final.name + ".tmp")
         topo = self.topology
+        error = None
         try:
             if written is not None:
                 written.result()
             if topo.is_main:
-                (tmp / "config.yaml").write_text(config_yaml)
-                old = final.with_name(final.name + ".old")
-                if final.exists():
-                    final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
-                for stale in self.complete()[: -self.keep_last]:
-                    if stale != final:
-                        shutil.rmtree(stale, ignore_errors=True)
-        except Exception as e:
-            if all_ranks:
-                raise
-            log.warning("the checkpoint %s was not completed: %s", final.name, e)
-            return None
-        if all_ranks:
-            topo.barrier("barrier (checkpoint renamed)")
+                self._complete(tmp, final, config_yaml)
+        except (Exception, CheckpointException) as e:
+            error = e
+        if not all_ranks:
+            if error is not None:
+                if topo.is_main:  # its result came after every rank's writes had ended
+                    shutil.rmtree(tmp, ignore_errors=True)
+                log.warning("the checkpoint %s was not completed: %s", final.name, reason(error))
+                return None
+        elif topo.any(error is not None):  # every rank stops, also where only rank 0 failed
+            not_saved = self._not_saved(final, error)
+            if not_saved is None:
+                raise error
+            raise not_saved from error
         log.info("saved %s", final)
         return final
+
+    def _complete(self, tmp: Path, final: Path, config_yaml: str) -> None:
+        """Rank 0, once every rank's files are written: config.yaml last, rename, prune."""
+        (tmp / "config.yaml").write_text(config_yaml)
+        old = final.with_name(final.name + ".old")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in self.complete()[: -self.keep_last]:
+            if stale != final:
+                try:
+                    _delete(stale)
+                except OSError as e:  # the new checkpoint is complete: the run goes on
+                    log.warning("cannot delete the old checkpoint %s: %s", stale, e)
 
     def load(self, path: Path, engine, model: ModelConfig) -> Progress:
         """Restore the engine's state (model, optimizer), data position and RNG in place. A
