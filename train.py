@@ -17,12 +17,14 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from torch.distributed import DistBackendError
 
-from moe_train.config import ConfigError
-from moe_train.parallel.topology import launcher_env
+from moe_train.config import ConfigError, first_line
+from moe_train.parallel.topology import CollectiveFailed, launcher_env
 from moe_train.tools.cli import exit_on_config_error, retain_freed_memory
 from moe_train.tools.hydra_config import apply_init_from, compose_config, register_schema, to_config
-from moe_train.train.checkpoint import CheckpointNotSaved, check_run_folders
+from moe_train.train.checkpoint import CheckpointNotSaved
+from moe_train.train.preflight import preflight as preflight_checks
 from moe_train.train.trainer import Diverged, run
 
 
@@ -39,19 +41,30 @@ def main(cfg: DictConfig) -> None:
         if launcher_env()[1] == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except CollectiveFailed as e:  # a peer died or hung: each survivor names what it waited in
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except DistBackendError as e:  # the same, in a collective of torch's own (FSDP's)
+        print(f"error: a collective failed on rank {launcher_env()[1]}: {first_line(e)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def preflight(argv: list[str]) -> None:
     """Hydra reports composition mistakes (an unknown preset or key) over several lines with exit
-    code 1; compose once here first so they get our one line and exit code 2, as do the folders
-    the run writes (Hydra creates trainer.out_dir before main). Sweeps (-m) and Hydra's own flags
-    go straight to Hydra."""
+    code 1; compose once here first so they get our one line and exit code 2, as do the layout,
+    the folders the run writes (Hydra creates trainer.out_dir before main), a run already in them
+    and a checkpoint of the other engine (moe_train/train/preflight.py). Sweeps (-m) and Hydra's
+    own flags go straight to Hydra."""
     if any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):
         return
+    world_size, rank, _ = launcher_env()
     try:
-        check_run_folders(compose_config([a for a in argv if not a.startswith(("hydra.", "hydra/"))]))
-    except ConfigError as e:
-        exit_on_config_error(e)
+        config = compose_config([a for a in argv if not a.startswith(("hydra.", "hydra/"))])
+        preflight_checks(config, world_size, main_rank=rank == 0)
+    except ConfigError as e:  # the same on every rank: rank 0 says it
+        if rank == 0:
+            exit_on_config_error(e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from moe_train.config import ConfigError, ParallelConfig
 
 
+class CollectiveFailed(RuntimeError):
+    """A collective this rank waited in failed: a peer died, hung past the timeout, or broke."""
+
+
 @contextlib.contextmanager
 def named_collective(what: str) -> Iterator[None]:
     """A peer that died or timed out surfaces as an error naming the collective that waited."""
@@ -24,7 +28,7 @@ def named_collective(what: str) -> Iterator[None]:
         yield
     except RuntimeError as e:  # gloo and NCCL errors (DistBackendError) are RuntimeErrors
         rank = dist.get_rank() if dist.is_initialized() else 0
-        raise RuntimeError(f"{what} failed on rank {rank}: {e}") from e
+        raise CollectiveFailed(f"{what} failed on rank {rank}: {e}") from e
 
 
 def launcher_env() -> tuple[int, int, int]:
@@ -74,6 +78,21 @@ def default_group_timeout(timeout: timedelta) -> Iterator[None]:
         c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = saved
 
 
+def check_layout(config: ParallelConfig, world_size: int) -> None:
+    """The degrees must divide the world: one line naming the value and what is allowed."""
+    allowed = ", ".join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)
+    if world_size % config.ep:
+        raise ConfigError(
+            f"parallel.ep={config.ep} must divide the world size {world_size} "
+            f"(world = expert-data-parallel x ep); allowed ep values: {allowed}"
+        )
+    if config.dp_shard != -1 and world_size % config.dp_shard:
+        raise ConfigError(
+            f"parallel.dp_shard={config.dp_shard} must divide the world size {world_size} "
+            f"(world = replicas x dp_shard); allowed: -1 (all), {allowed}"
+        )
+
+
 @dataclass
 class Topology:
     """Every rank is data parallel (it reads its own share of each batch). Two meshes over the
@@ -96,19 +115,8 @@ class Topology:
     def setup(cls, config: ParallelConfig, device_kind: str = "auto") -> Topology:
         """Reads torchrun's environment, checks the layout, starts the process group and mesh."""
         world_size, rank, local_rank = launcher_env()
-        if world_size % config.ep:
-            raise ConfigError(
-                f"parallel.ep={config.ep} must divide the world size {world_size} "
-                f"(world = expert-data-parallel x ep); allowed ep values: "
-                f"{', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)}"
-            )
+        check_layout(config, world_size)
         dp_shard = world_size if config.dp_shard == -1 else config.dp_shard
-        if world_size % dp_shard:
-            raise ConfigError(
-                f"parallel.dp_shard={config.dp_shard} must divide the world size {world_size} "
-                f"(world = replicas x dp_shard); allowed: -1 (all), "
-                f"{', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)}"
-            )
         device = pick_device(device_kind, local_rank)
         timeout = timedelta(minutes=config.timeout_minutes)
         topology = cls(world_size, rank, local_rank, config.ep, device, timeout=timeout)

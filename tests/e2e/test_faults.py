@@ -76,6 +76,71 @@ def test_cli_bad_paths_one_line_exit_2(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
 
 
+def test_cli_preflight_one_line_from_rank_0_before_anything_starts(tmp_path):
+    """Under a launcher, a layout or batch that does not fit the world is said once, by rank 0;
+    a run already using trainer.out_dir is refused before Hydra writes its record there; a
+    checkpoint of the other engine is named before DeepSpeed is set up."""
+    import fcntl
+
+    from omegaconf import OmegaConf
+
+    busy, native = tmp_path / "busy", tmp_path / "native"
+    busy.mkdir()
+    lock = (busy / ".lock").open("a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write("otherhost pid 17\n")
+    lock.flush()
+    step = native / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    (step / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(compose_config(TINY))))
+    train_py = [sys.executable, "train.py", *TINY, f"trainer.out_dir={tmp_path / 'run'}"]
+    world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    cases = [
+        (
+            [*train_py, "parallel.ep=3"],
+            {**world, "RANK": "0"},
+            "model.moe.num_experts=8 must be divisible by parallel.ep=3",
+        ),
+        ([*train_py, "parallel.ep=3"], {**world, "RANK": "1"}, None),  # rank 0 says it
+        (
+            [*train_py, "trainer.global_batch_size=6"],
+            {**world, "RANK": "0"},
+            "trainer.global_batch_size=6 must be divisible by trainer.micro_batch_size=2 x 2 data-parallel ranks",
+        ),
+        (
+            [*train_py, f"trainer.out_dir={busy}"],
+            {},
+            f"another run is using trainer.out_dir={busy} (otherhost pid 17); wait for it to end",
+        ),
+        (
+            [*train_py, f"trainer.out_dir={native}", "engine=deepspeed"],
+            {},
+            f"checkpoint {step} was written by engine=native and this run uses engine=deepspeed",
+        ),
+    ]
+    started = [
+        subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args, env, _ in cases
+    ]
+    for process, (args, _, message) in zip(started, cases):
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, (args, stderr)
+        if message is None:
+            assert stderr == "", args
+        else:
+            assert stderr.count("\n") == 1 and stderr.startswith(f"error: {message}"), (args, stderr)
+    assert sorted(p.name for p in busy.iterdir()) == [".lock"]  # no .hydra/ written over the running run
+    lock.close()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 10 MiB tmpfs: room for two of the tiny model's checkpoints (4.3 MiB each), not three."""

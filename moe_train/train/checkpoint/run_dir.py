@@ -60,6 +60,49 @@ def check_run_folders(config: Config) -> None:
         check_folder("data.cache_dir", config.data.cache_dir)
 
 
+def _lock(out_dir: Path):
+    """(the open lock file, None) once this process holds out_dir/.lock, or (None, the holder
+    written in it) if another does; (None, None) where the filesystem has no locks."""
+    path = out_dir / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = path.open("a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "a process"
+        file.close()
+        return None, holder
+    except OSError as e:
+        log.warning("cannot lock %s (%s): concurrent runs in it are not prevented", path, e)
+        file.close()
+        return None, None
+    file.seek(0)
+    file.truncate()
+    file.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+    file.flush()
+    return file, None
+
+
+def run_in_use(out_dir: Path, holder: str) -> ConfigError:
+    return ConfigError(
+        f"another run is using trainer.out_dir={out_dir} ({holder}); "
+        "wait for it to end, stop it, or choose another trainer.out_dir"
+    )
+
+
+def refuse_a_run_in_use(out_dir: Path) -> None:
+    """Before anything is written there (Hydra's .hydra/ record included): a run that holds
+    out_dir/.lock is refused in one line. The lock is let go at once; the run takes it again."""
+    if not out_dir.is_dir():
+        return
+    file, holder = _lock(out_dir)
+    if file is not None:
+        file.close()
+    if holder is not None:
+        raise run_in_use(out_dir, holder)
+
+
 def step_folder(step: int) -> str:
     """The name of the checkpoint folder of `step`: step_00000100."""
     return f"step_{step:08d}"
@@ -155,29 +198,9 @@ class Checkpointer:
         checkpoint in progress. Where the filesystem has no locks, a warning and no guard."""
         holder = None
         if self.topology.is_main:
-            path = self.dir.parent / ".lock"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            file = path.open("a+")
-            try:
-                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                file.seek(0)
-                holder = file.read().strip() or "a process"
-                file.close()
-            except OSError as e:
-                log.warning("cannot lock %s (%s): concurrent runs in it are not prevented", path, e)
-                file.close()
-            else:
-                file.seek(0)
-                file.truncate()
-                file.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-                file.flush()
-                self._lock_file = file
+            self._lock_file, holder = _lock(self.dir.parent)
         if self.topology.any(holder is not None):
-            raise ConfigError(
-                f"another run is using trainer.out_dir={self.dir.parent} ({holder or 'see rank 0'}); "
-                "wait for it to end, stop it, or choose another trainer.out_dir"
-            )
+            raise run_in_use(self.dir.parent, holder or "see rank 0")
 
     def unlock(self) -> None:
         if self._lock_file is not None:

@@ -1,0 +1,38 @@
+"""What a run checks before it starts anything: every rank on its own, before a process group
+exists or Hydra writes its record, so that a mistake is one line within seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moe_train.config import Config
+from moe_train.parallel.topology import check_layout
+from moe_train.train.checkpoint import CheckpointMismatch, check_run_folders, load_config, resolve_checkpoint
+from moe_train.train.checkpoint.run_dir import complete_checkpoints, refuse_a_run_in_use
+from moe_train.train.trainer import batch_layout
+
+
+def preflight(config: Config, world_size: int, main_rank: bool) -> None:
+    """The layout and batch against the world size, the folders the run writes, and on the main
+    rank a run already using trainer.out_dir and a checkpoint to resume of the other engine."""
+    check_layout(config.parallel, world_size)
+    batch_layout(config.trainer, world_size)
+    check_run_folders(config)
+    if not main_rank:
+        return
+    out_dir = Path(config.trainer.out_dir).expanduser()
+    refuse_a_run_in_use(out_dir)
+    resume = config.trainer.resume
+    if resume == "none":
+        return
+    found = (
+        complete_checkpoints(out_dir / "checkpoints") if resume == "auto" else [resolve_checkpoint(resume)]
+    )
+    if found and (found[-1] / "config.yaml").is_file():
+        written_by = load_config(found[-1]).engine.name
+        if written_by != config.engine.name:  # before DeepSpeed's set-up and op builds
+            raise CheckpointMismatch(
+                f"checkpoint {found[-1]} was written by engine={written_by} and this run uses "
+                f"engine={config.engine.name}; resume with engine={written_by}, "
+                f"or start from its weights with trainer.init_from={found[-1]}"
+            )
