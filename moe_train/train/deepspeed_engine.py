@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -24,6 +25,7 @@ from deepspeed.utils import groups
 from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+from torch.utils import cpp_extension
 
 from moe_train.config import Config, ConfigError, check_zero_stage, first_line
 from moe_train.model.moe import is_expert_param, moe_layers
@@ -120,8 +122,26 @@ def _expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
+STALE_BUILD_MINUTES = 10  # a first-use build of one of DeepSpeed's ops takes about a minute
+
+
+def refuse_stale_build_locks() -> None:
+    """DeepSpeed builds its ops on first use through torch's extension loader, which waits, without
+    a bound, for the lock file of a build in progress: a build killed half-way leaves that lock
+    and every later run would wait forever, silently. A lock older than any build is named."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        minutes = (time.time() - lock.stat().st_mtime) / 60
+        if minutes > STALE_BUILD_MINUTES:
+            raise ConfigError(
+                f"{lock} is {minutes:.0f} minutes old: a build of DeepSpeed's {lock.parent.name} op was "
+                "killed and left it; delete it (when no other run is building) and start again"
+            )
+
+
 def _init_distributed(topology: Topology) -> None:
     """DeepSpeed's communication layer over our process group (a world of one on one process)."""
+    refuse_stale_build_locks()  # init_distributed builds its communication op
     os.environ.setdefault("LOCAL_RANK", str(topology.local_rank))  # absent on one process or under SLURM
     if not dist.is_initialized():
         backend = "nccl" if topology.device.type == "cuda" else "gloo"

@@ -76,3 +76,24 @@ def test_missing_user_json(tmp_path):
     config = compose_config(["engine=deepspeed", f"engine.deepspeed_config={tmp_path / 'nope.json'}"])
     with pytest.raises(ConfigError, match="nope.json: cannot read it"):
         deepspeed_engine.deepspeed_config(config, micro_batches=1, bf16=False)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_named(tmp_path, monkeypatch):
+    """torch's extension loader would wait on it forever; a fresh lock (a build in progress) is
+    waited on as usual."""
+    import os
+    import time
+
+    from moe_train.train.deepspeed_engine import refuse_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    refuse_stale_build_locks()  # being built right now: fine
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with pytest.raises(
+        ConfigError, match=r"deepspeed_shm_comm/lock is 60 minutes old: a build of DeepSpeed's"
+    ):
+        refuse_stale_build_locks()
