@@ -82,7 +82,11 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     runs = {}
     for run_dir in args.run_dirs:
-        metrics = read_metrics(run_dir)
+        try:
+            metrics = read_metrics(run_dir)
+        except UnicodeDecodeError:  # binary bytes where JSON lines belong
+            print(f"error: {run_dir / 'metrics.jsonl'} is not a text file of JSON lines", file=sys.stderr)
+            sys.exit(2)
         if not metrics:
             print(f"error: {run_dir} has no metrics.jsonl with entries", file=sys.stderr)
             sys.exit(2)
