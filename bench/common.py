@@ -87,3 +87,13 @@ def write_json(name: str, payload: dict) -> Path:
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     print(f"wrote {path}")
     return path
+
+
+# a run timed for its steps only: no evaluation, checkpoints, samples, wandb or progress bar
+QUIET_RUN = [
+    "trainer.eval_every=0",
+    "trainer.ckpt_every=0",
+    "trainer.num_samples=0",
+    "logging.wandb.mode=disabled",
+    "logging.progress_bar=false",
+]

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_table, write_json
+from bench.common import QUIET_RUN, print_table, write_json
 from moe_train.parallel.spawn import run_ranks
 
 ENGINES = {
@@ -98,11 +98,7 @@ def main() -> None:
                     "data=stdlib_bytes",
                     "trainer.global_batch_size=8",
                     "trainer.micro_batch_size=2",
-                    "trainer.eval_every=0",
-                    "trainer.ckpt_every=0",
-                    "trainer.num_samples=0",
-                    "logging.wandb.mode=disabled",
-                    "logging.progress_bar=false",
+                    *QUIET_RUN,
                     f"trainer.out_dir={tmp}/run",
                     f"parallel.ep={ep}",
                     *overrides,

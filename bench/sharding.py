@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import print_table, write_json
+from bench.common import QUIET_RUN, print_table, write_json
 from moe_train.parallel.spawn import run_ranks
 
 LAYOUTS = {"replicated": 1, "sharded": -1}  # name: parallel.dp_shard
@@ -149,15 +149,7 @@ def worker(rank: int, overrides: list[str], warmup: int, steps: int, result_dir:
 def run_layout(world: int, overrides: list[str], warmup: int, steps: int) -> dict:
     """One run of a layout on `world` fresh processes: the slower / larger rank's figures."""
     with tempfile.TemporaryDirectory() as tmp:
-        run = [
-            "trainer.eval_every=0",
-            "trainer.ckpt_every=0",
-            "trainer.num_samples=0",
-            "logging.wandb.mode=disabled",
-            "logging.progress_bar=false",
-            f"trainer.out_dir={tmp}/run",
-            *overrides,
-        ]
+        run = [*QUIET_RUN, f"trainer.out_dir={tmp}/run", *overrides]
         run_ranks(world, worker, run, warmup, steps, tmp, result_dir=tmp)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
     step_s = max(r["step_s"] for r in ranks)

@@ -23,3 +23,18 @@ TINY = [
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return [*TINY, f"trainer.out_dir={tmp_path / 'run'}"]
+
+
+def train(overrides: list[str]) -> list[dict]:
+    """One in-process run of train.py's `run` on composed overrides; its metrics.jsonl."""
+    from moe_train.tools.hydra_config import compose_config
+    from moe_train.train.metrics import read_metrics
+    from moe_train.train.trainer import run
+
+    config = compose_config(overrides)
+    run(config)
+    return read_metrics(config.trainer.out_dir)
+
+
+def losses(metrics: list[dict]) -> list[tuple]:
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics]

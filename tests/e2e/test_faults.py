@@ -19,20 +19,9 @@ from moe_train.parallel.topology import Topology
 from moe_train.tools.hydra_config import compose_config
 from moe_train.train.checkpoint import Checkpointer, CheckpointNotSaved, Progress
 from moe_train.train.metrics import MetricsWriter, read_metrics
-from moe_train.train.trainer import run
-from tests.conftest import TINY
+from tests.conftest import TINY, losses, train
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def train(overrides):
-    config = compose_config(overrides)
-    run(config)
-    return read_metrics(config.trainer.out_dir)
-
-
-def losses(metrics):
-    return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics]
 
 
 def files(folder: Path) -> dict[str, bytes]:

@@ -18,19 +18,10 @@ from moe_train.parallel.topology import Topology
 from moe_train.tools.hydra_config import compose_config
 from moe_train.train.checkpoint import load_config, load_model, load_weights, save_weights
 from moe_train.train.metrics import read_metrics
-from moe_train.train.trainer import Diverged, Trainer, run
+from moe_train.train.trainer import Diverged, Trainer
+from tests.conftest import losses, train
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def train(overrides):
-    config = compose_config(overrides)
-    run(config)
-    return read_metrics(config.trainer.out_dir)
-
-
-def losses(metrics):
-    return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics]
 
 
 @pytest.mark.parametrize(
