@@ -56,8 +56,8 @@ def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, b
         block = getattr(unit, "block", unit)  # an MTP depth's block
         if block.is_moe:
             edp = topology.expert_mesh["edp"]
-            placement = expert_placement(block.ffn.experts.num_experts // topology.ep, edp.size())
-            shard(block.ffn.experts, edp, "edp", placement)
+            placement = Shard(expert_shard_dim(block.ffn.experts.num_experts // topology.ep, edp.size()))
+            shard(block.ffn.experts, edp, "edp", lambda param, placement=placement: placement)
         shard(unit, dense, "dp_shard")
     ends = [model.norm, model.output]
     if model.config.tie_embeddings:  # one weight: one unit
@@ -73,29 +73,37 @@ def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, b
             after.set_modules_to_backward_prefetch([layer])
 
 
-def expert_placement(local_experts: int, edp: int):
-    """How FSDP cuts a rank's (E/ep, ...) block of stacked experts over its edp ranks: by expert
-    where they divide evenly, else along dim 1 (torchtitan's choice too), where one rank would
-    otherwise hold whole experts that another lacks."""
-    placement = Shard(0) if local_experts % edp == 0 else Shard(1)
-    return lambda param: placement
+def expert_shard_dim(local_experts: int, edp: int) -> int:
+    """The dim FSDP cuts a rank's (E/ep, ...) block of stacked experts along over its edp ranks:
+    by expert (0) where they divide evenly, else dim 1 (torchtitan's choice too), where one rank
+    would otherwise hold whole experts that another lacks."""
+    return 0 if local_experts % edp == 0 else 1
+
+
+def dense_and_expert_params(model: torch.nn.Module) -> dict[bool, list[torch.nn.Parameter]]:
+    """The trainable parameters by kind ({False: dense, True: expert}): they live on different
+    meshes, so their norms are reduced apart (once, at engine set-up)."""
+    groups: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[is_expert_param(name)].append(p)
+    return groups
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: torch.nn.Module, max_norm: float, topology: Topology) -> torch.Tensor:
+def clip_grad_norm_(
+    groups: dict[bool, list[torch.nn.Parameter]], max_norm: float, topology: Topology
+) -> torch.Tensor:
     """Clip every gradient to a global norm of max_norm (0: no clipping); returns the norm before
-    clipping. Dense and expert gradients live on different meshes (or are plain tensors on one
-    process): each group's norm is reduced over its own mesh, the experts' also over `ep`, and
-    each group is clipped apart by the one global coefficient."""
-    groups: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            groups[is_expert_param(name)].append(p)
+    clipping. Dense and expert gradients (`groups`: dense_and_expert_params) live on different
+    meshes, or are plain tensors on one process: each group's norm is reduced over its own mesh,
+    the experts' also over `ep`, and each group is clipped apart by the one global coefficient."""
+    groups = {expert: [p for p in params if p.grad is not None] for expert, params in groups.items()}
     total_sq = torch.zeros((), device=topology.device)
     for expert, params in groups.items():
         if not params:
             continue
-        sq = get_total_norm([_local(p.grad) for p in params]).float().square()
+        sq = get_total_norm([local_tensor(p.grad) for p in params]).float().square()
         reduce_over = _shard_groups(params[0].grad)  # the ranks holding other pieces of each
         if expert:
             reduce_over.append(topology.ep_group)
@@ -111,7 +119,8 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, topology: Topology)
     return total
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of t: a DTensor's local shard, or t itself."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 

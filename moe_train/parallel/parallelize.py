@@ -16,7 +16,7 @@ from moe_train.config import Config
 from moe_train.model import Transformer
 from moe_train.model.moe import is_expert_param
 from moe_train.parallel.expert_parallel import apply_expert_parallel
-from moe_train.parallel.fsdp import apply_fsdp
+from moe_train.parallel.fsdp import apply_fsdp, local_tensor
 from moe_train.parallel.topology import Topology
 
 
@@ -65,7 +65,7 @@ def materialize(model: Transformer, seed: int, topology: Topology) -> None:
     model.to_empty(device=topology.device)
     num_experts = model.config.moe.num_experts
     for name, p in model.named_parameters():
-        local = p.to_local() if isinstance(p, DTensor) else p
+        local = local_tensor(p)
         rows, columns = _slice(p, 0), _slice(p, 1)
         shape = p.shape
         if is_expert_param(name):  # this rank's experts are a block of all of them

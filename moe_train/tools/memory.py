@@ -15,7 +15,7 @@ import torch
 from moe_train.config import Config, ConfigError
 from moe_train.model import Transformer
 from moe_train.model.moe import is_expert_param
-from moe_train.parallel.fsdp import expert_placement
+from moe_train.parallel.fsdp import expert_shard_dim
 
 GIB = 2**30
 
@@ -100,7 +100,7 @@ class ModelShapes:
                 block = shape[0] // layout.ep
                 if not sharded:
                     total += block * rest
-                elif expert_placement(block, edp)(None).dim == 0:
+                elif expert_shard_dim(block, edp) == 0:
                     total += _rows(block, edp) * rest
                 else:
                     total += block * _rows(shape[1], edp) * math.prod(shape[2:])

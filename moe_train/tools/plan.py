@@ -22,6 +22,7 @@ from moe_train.model.moe import is_expert_param
 from moe_train.tools.cli import one_line_errors, tool_parser
 from moe_train.tools.hydra_config import compose_config
 from moe_train.tools.memory import GIB, Bytes, Layout, ModelShapes, native_bytes, zero_bytes
+from moe_train.train.engine import tensor_bytes
 
 EPILOG = """examples:
   python -m moe_train.tools.plan model=deepseek_v3 --gpus 256 data.seq_len=4096 \\
@@ -75,7 +76,10 @@ def fake_world(gpus: int) -> Iterator[None]:
     finally:
         dist.destroy_process_group()
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def dry_run(config: Config, layout: Layout, bf16: bool) -> dict:
@@ -101,12 +105,8 @@ def dry_run(config: Config, layout: Layout, bf16: bool) -> dict:
             p.grad = torch.zeros_like(p)
         optimizer.step()
 
-        def local(t: torch.Tensor) -> int:
-            t = t.to_local() if hasattr(t, "to_local") else t
-            return t.numel() * t.element_size()
-
-        tensors = {name: local(p) for name, p in model.named_parameters()}
-        moments = sum(local(v) for state in optimizer.state.values() for v in state.values() if v.ndim)
+        tensors = {name: tensor_bytes([p]) for name, p in model.named_parameters()}
+        moments = tensor_bytes(v for state in optimizer.state.values() for v in state.values())
         largest = max(
             4 * (p.shape[1:].numel() if is_expert_param(name) else p.shape.numel())
             for name, p in model.named_parameters()

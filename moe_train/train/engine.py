@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from moe_train.parallel.fsdp import local_tensor
 
 
 class Engine(Protocol):
@@ -38,5 +39,5 @@ class Engine(Protocol):
 
 def tensor_bytes(tensors) -> int:
     """The bytes this rank holds of `tensors` (a DTensor's local shard)."""
-    local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors if isinstance(t, torch.Tensor))
+    local = (local_tensor(t) for t in tensors if isinstance(t, torch.Tensor))
     return sum(t.numel() * t.element_size() for t in local if t.ndim > 0)

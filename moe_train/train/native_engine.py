@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from moe_train.config import Config
-from moe_train.parallel.fsdp import clip_grad_norm_
+from moe_train.parallel.fsdp import clip_grad_norm_, dense_and_expert_params
 from moe_train.parallel.topology import Topology
 from moe_train.train.checkpoint import dcp_load, dcp_save
 from moe_train.train.engine import Engine, tensor_bytes
@@ -29,6 +29,7 @@ class NativeEngine(Engine):
         self.micro_batches = micro_batches
         self.grad_clip = config.optim.grad_clip
         self.optimizer = build_optimizer(model, config.optim, topology.device)
+        self.params = dense_and_expert_params(model)
         self._pre_step_hooks: list[Callable[[], None]] = []
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -39,7 +40,7 @@ class NativeEngine(Engine):
 
     def step(self, lr: float) -> float:
         """A norm that is not finite leaves the weights and Adam's moments as they were."""
-        norm = clip_grad_norm_(self.model, self.grad_clip, self.topology).item()
+        norm = clip_grad_norm_(self.params, self.grad_clip, self.topology).item()
         if math.isfinite(norm):
             for hook in self._pre_step_hooks:
                 hook()
