@@ -197,7 +197,7 @@ class Transformer(nn.Module):
             device_aux_loss=torch.stack([s.device_aux_loss for s in all_stats]).mean(),
             z_loss=torch.stack([s.z_loss for s in all_stats]).mean(),
             tokens_per_expert=torch.stack([s.tokens_per_expert for s in all_stats]),
-            dropped=torch.tensor([s.dropped for s in all_stats], dtype=torch.float32),
+            dropped=torch.stack([s.dropped for s in all_stats]).float(),
             mtp_loss=mtp_loss,
         )
 

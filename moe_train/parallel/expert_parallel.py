@@ -20,6 +20,7 @@ from moe_train.model.moe.dispatch import (
     Permutation,
     SortedAssignments,
     assignments,
+    count,
     permute,
     sort_by_expert,
     unpermute,
@@ -62,7 +63,7 @@ class AllToAllHandle:
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
     sent: Permutation  # the U rows sent, over the N local tokens
-    num_dropped: int
+    num_dropped: torch.Tensor  # ()
 
 
 class AllToAllDispatcher(LocalDispatcher):
@@ -70,7 +71,9 @@ class AllToAllDispatcher(LocalDispatcher):
 
     1. the kept assignments are grouped by destination rank; a (token, rank) pair is one row, and
        each assignment names its row and its local expert (`meta`) and carries its router weight;
-    2. the counts (rows and assignments per rank) are exchanged (equal splits: the one host sync);
+    2. the counts (rows and assignments per rank) are exchanged and read on the host: the one
+       device-to-host sync of the layer in each direction, which no exchange of uneven splits
+       avoids;
     3. then the assignments' meta and weights, and the rows;
     4. the receiving rank sorts what it received by local expert, as a single device sorts its
        tokens; combine reverses it: each received row's outputs weighted and summed, one row sent
@@ -84,31 +87,35 @@ class AllToAllDispatcher(LocalDispatcher):
         self.ep = ep
         self.num_local_experts = num_experts // ep
 
+    # Eager under torch.compile: the exchange's split sizes are read on the host, and the rows
+    # received vary from step to step. The router and the experts around it still compile.
+    @torch.compiler.disable
     def dispatch(
         self, x: torch.Tensor, routing: Routing
     ) -> tuple[torch.Tensor, torch.Tensor, AllToAllHandle]:
         ep, El = self.ep, self.num_local_experts
         token, expert = assignments(routing)  # (A,) each, in token order
         keep = within_capacity(expert, self.num_experts, self.capacity(x.shape[0]))
-        num_kept = expert.numel() if keep is None else int(keep.sum())
         rank = expert // El  # (A,) destination, then token order within each
         if keep is not None:
-            rank = rank.masked_fill(~keep, ep)  # dropped: sorted last, then cut
-        sent = rank.argsort(stable=True)[:num_kept]  # (A,) assignments in sending order
+            rank = rank.masked_fill(~keep, ep)  # dropped: a rank of their own, sorted last, then cut
+        sent = rank.argsort(stable=True)  # (A,) assignments in sending order
         rank, token = rank[sent], token[sent]
         new_row = torch.ones_like(rank, dtype=torch.bool)
         new_row[1:] = (rank[1:] != rank[:-1]) | (token[1:] != token[:-1])  # a new (token, rank) pair
         row = new_row.cumsum(0) - 1  # (A,) the row each assignment reads
-        rows_per_rank = torch.bincount(rank[new_row], minlength=ep)  # (ep,)
+        rows_per_rank = rank.new_zeros(ep + 1).scatter_add_(0, rank, new_row.long())  # (ep + 1,)
         # meta: the assignment's row within its rank's block, and its local expert
         meta = (row - (rows_per_rank.cumsum(0) - rows_per_rank)[rank]) * El + expert[sent] % El
-        weights = routing.weights.flatten().index_select(0, sent)  # (A,)
-        counts = torch.stack([rows_per_rank, torch.bincount(rank, minlength=ep)], dim=-1)  # (ep, 2)
+        counts = torch.stack([rows_per_rank, count(rank, ep + 1)], dim=-1)[:ep]  # (ep, 2)
         recv_counts = _all_to_all(counts.flatten(), [2] * ep, [2] * ep, self.group, "counts").view(ep, 2)
         (send_rows, send_assignments), (recv_rows, recv_assignments) = (
             counts.T.tolist(),
             recv_counts.T.tolist(),
         )
+        num_kept, num_rows = sum(send_assignments), sum(send_rows)  # read with the counts: no sync more
+        sent, meta = sent[:num_kept], meta[:num_kept]
+        weights = routing.weights.flatten().index_select(0, sent)  # (A kept,)
         meta_in = _all_to_all(meta, recv_assignments, send_assignments, self.group, "assignments")
         weights_in = _AllToAll.apply(
             weights, recv_assignments, send_assignments, self.group, "router weights"
@@ -120,14 +127,15 @@ class AllToAllDispatcher(LocalDispatcher):
         first_row = recv_counts[:, 0].cumsum(0) - recv_counts[:, 0]  # (ep,)
         row_in = first_row[source] + meta_in // El  # nondecreasing
         received = sort_by_expert(row_in, meta_in % El, sum(recv_rows), El)
-        sent_rows = Permutation.of(token[new_row], x.shape[0])
+        sent_rows = Permutation.of(token[new_row][:num_rows], x.shape[0])
         x_in = _AllToAll.apply(permute(x, sent_rows), recv_rows, send_rows, self.group, "tokens")  # (R, D)
         handle = AllToAllHandle(
             received, weights_in.index_select(0, received.order), send_rows, recv_rows, sent_rows,
-            expert.numel() - num_kept,
+            expert.new_tensor(expert.numel() - num_kept),
         )  # fmt: skip
         return permute(x_in, received.perm), received.counts, handle
 
+    @torch.compiler.disable
     def combine(self, rows: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         y_in = unpermute(rows, handle.received.perm, handle.weights.to(rows.dtype))  # (R, D)
         y_sent = _AllToAll.apply(y_in, handle.send_splits, handle.recv_splits, self.group, "expert outputs")

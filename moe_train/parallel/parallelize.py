@@ -21,23 +21,25 @@ from moe_train.parallel.topology import Topology
 
 
 def parallelize(model: Transformer, config: Config, topology: Topology, bf16: bool) -> None:
-    """In place; state-dict keys unchanged. Compile comes before checkpointing because the routed
-    experts stay eager (torch.compiler.disable): inside a checkpointed region that graph break
-    would make the whole block fall back to eager, so the checkpoint wraps the compiled block.
-    FSDP shards the native engine's model on several processes (DeepSpeed shards its own way)."""
+    """In place; state-dict keys unchanged. Compile comes before checkpointing: on one device a
+    block compiles whole, but with expert parallelism its dispatch and combine stay eager (the
+    exchange's sizes are read on the host), and a graph break inside a checkpointed region would
+    make the whole block fall back to eager, so the checkpoint wraps the compiled block. FSDP
+    shards the native engine's model on several processes (DeepSpeed shards its own way)."""
     apply_expert_parallel(model, topology)
     if config.trainer.compile:
-        apply_compile(model)
+        apply_compile(model, fullgraph=topology.ep == 1)
     if config.trainer.activation_checkpointing:
         apply_activation_checkpointing(model)
     if topology.distributed and config.engine.name == "native":
         apply_fsdp(model, config.parallel, topology, bf16)
 
 
-def apply_compile(model: Transformer) -> None:
-    """torch.compile each transformer block (the layers' and the multi-token prediction depths')."""
+def apply_compile(model: Transformer, fullgraph: bool) -> None:
+    """torch.compile each transformer block (the layers' and the multi-token prediction depths').
+    `fullgraph`: a graph break is an error, not a silent fall back to eager for part of a block."""
     for block in model.blocks:
-        block.forward = torch.compile(block.forward)
+        block.forward = torch.compile(block.forward, fullgraph=fullgraph)
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_train.config import Config
+import torch
+
+from moe_train.config import Config, ConfigError, TrainerConfig
 from moe_train.parallel.topology import check_layout
 from moe_train.train.checkpoint import CheckpointMismatch, check_run_folders, load_config, resolve_checkpoint
 from moe_train.train.checkpoint.run_dir import complete_checkpoints, refuse_a_run_in_use
@@ -17,6 +19,7 @@ def preflight(config: Config, world_size: int, main_rank: bool) -> None:
     rank a run already using trainer.out_dir and a checkpoint to resume of the other engine."""
     check_layout(config.parallel, world_size)
     batch_layout(config.trainer, world_size)
+    check_compiler(config.trainer)
     check_run_folders(config)
     if not main_rank:
         return
@@ -36,3 +39,32 @@ def preflight(config: Config, world_size: int, main_rank: bool) -> None:
                 f"engine={config.engine.name}; resume with engine={written_by}, "
                 f"or start from its weights with trainer.init_from={found[-1]}"
             )
+
+
+def check_compiler(trainer: TrainerConfig) -> None:
+    """trainer.compile needs what torch.compile generates code with: a C++ compiler for the CPU,
+    Triton for a GPU. Without them the first step would fail deep inside the compiler."""
+    if not trainer.compile:
+        return
+    on_gpu = trainer.device == "cuda" or (trainer.device == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError(
+                "trainer.compile=true needs Triton on a GPU and it is not installed "
+                "(pip install triton); trainer.compile=false runs without it"
+            )
+        return
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpp_builder import cpp_compiler_search
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        cpp_compiler_search(inductor_config.cpp.cxx)
+    except InvalidCxxCompiler:
+        tried = ", ".join(c for c in inductor_config.cpp.cxx if c)
+        raise ConfigError(
+            f"trainer.compile=true needs a C++ compiler on the CPU and none runs (tried {tried}; "
+            "install one or name it in CXX); trainer.compile=false runs without it"
+        ) from None

@@ -2,9 +2,9 @@
 input mistake), no traceback, a message naming the culprit, and every file that was there before
 left byte for byte as it was.
 
-This table: 73 commands (23 in the default half, 50 more in the slow half): data and prepare_data 15,
+This table: 74 commands (24 in the default half, 50 more in the slow half): data and prepare_data 15,
 checkpoints 13 (train.py, generate, export_hf), tools' arguments and outputs 29, Hugging Face
-folders 7, config values through train.py 9. With the rest of the suite, about 289 bad inputs in all:
+folders 7, config values through train.py 10. With the rest of the suite, about 290 bad inputs in all:
 tests/unit/test_config.py 174 (124 numbers out of range, 50 bad values), tests/e2e/test_hf.py 14
 (quantized, unsupported, bad rope scaling, routing it cannot express), tests/e2e/test_train.py about 9,
 tests/e2e/test_faults.py about 9 (bad paths, preflight, full disk), tests/unit/test_tools.py 5
@@ -253,6 +253,8 @@ def cases(ws: Path) -> list[tuple[str, list[str], str]]:
         ("config: model.num_heads=3", train("k8", "model.num_heads=3"), "model.num_heads=3"),
         ("config: out_dir over a checkpoint's shard", train("k9", f"trainer.out_dir={ckpt_shard(run)}"),
          "distcp"),
+        ("config: trainer.compile with no C++ compiler",
+         ["env", "CXX=/nonexistent/c++", *train("k10", "trainer.compile=true")], "CXX"),
     ]  # fmt: skip
     return table
 

@@ -354,8 +354,9 @@ def test_experts_see_their_rows_grouped_and_tokens_come_back(name, experts):
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_routing_gradients_match_indexing_reference(name, experts, capacity_factor):
     """The gathers and weighted sums of the dispatch (each other's adjoint, no scatter) against
-    plain indexing and index_put: the rows the experts see, the combined output, and gradients of x
-    and the router weights, with and without capacity drops (a token whose rows all drop: zeros)."""
+    plain indexing and index_put: the rows the experts see (every assignment, grouped by expert:
+    a static shape), the combined output, and gradients of x and the router weights, with and
+    without capacity drops (a dropped assignment weighs 0; a token whose rows all drop: zeros)."""
     dispatcher = LocalDispatcher(num_experts=8, top_k=2, capacity_factor=capacity_factor)
     routing = routing_of(experts, 8)
     routing.weights = torch.rand(experts.shape).requires_grad_()
@@ -364,19 +365,18 @@ def test_routing_gradients_match_indexing_reference(name, experts, capacity_fact
     out, dropped = route(dispatcher, x, routing, recorded)
 
     order = experts.flatten().argsort(stable=True)
+    kept = torch.ones(order.numel(), dtype=torch.bool)
     if capacity_factor is not None:
         capacity = dispatcher.capacity(experts.shape[0])
         starts = torch.cumsum(torch.bincount(experts.flatten(), minlength=8), 0)
         starts = starts - torch.bincount(experts.flatten(), minlength=8)
-        rank_in_expert = torch.arange(order.numel()) - starts[experts.flatten()[order]]
-        order = order[rank_in_expert < capacity]
+        kept = torch.arange(order.numel()) - starts[experts.flatten()[order]] < capacity
     ref_sorted = x[order // 2]
     ref_y = ref_sorted * torch.arange(1, order.numel() + 1).unsqueeze(-1)
-    ref = torch.zeros_like(x).index_put(
-        (order // 2,), ref_y * routing.weights.flatten()[order, None], accumulate=True
-    )
+    ref_weights = routing.weights.flatten()[order] * kept
+    ref = torch.zeros_like(x).index_put((order // 2,), ref_y * ref_weights[:, None], accumulate=True)
     assert torch.equal(recorded.rows, ref_sorted)
-    assert dropped == experts.numel() - order.numel()
+    assert dropped == (~kept).sum() and (capacity_factor is None or dropped > 0)
     torch.testing.assert_close(out, ref)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, [x, routing.weights], grad_out)

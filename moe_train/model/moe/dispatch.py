@@ -1,8 +1,11 @@
 """Dispatch and combine: the contract every dispatcher keeps (`Dispatcher`), the single-device one,
 and the permutation primitives both it and the expert-parallel one (moe_train/parallel) build on.
 
+Every shape on one device is static (A = N * k rows whatever the routing, counts as tensors), so
+that the whole MoE block compiles as one graph with no device-to-host synchronisation.
+
 Shape legend: N tokens, D model dim, E experts (El local to this rank), k top-k, A assignments
-(N * k), S assignments kept (fewer after capacity drops), R source rows of a permutation.
+(N * k), S rows the experts compute, R source rows of a permutation.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from moe_train.model.moe.router import Routing
+from moe_train.model.moe.router import Routing, count
 
 __all__ = [
     "DispatchHandle",
@@ -23,6 +26,7 @@ __all__ = [
     "Permutation",
     "SortedAssignments",
     "assignments",
+    "count",
     "permute",
     "sort_by_expert",
     "unpermute",
@@ -33,7 +37,7 @@ __all__ = [
 class DispatchHandle(Protocol):
     """What a dispatcher keeps between dispatch and combine."""
 
-    num_dropped: int  # assignments left out by the capacity limit
+    num_dropped: torch.Tensor  # () int64: assignments left out by the capacity limit
 
 
 class Dispatcher(Protocol):
@@ -43,7 +47,8 @@ class Dispatcher(Protocol):
     dispatch: x (N, D) and the routing -> rows (S', D) grouped by local expert in expert order,
     counts (El,) rows per local expert, and a handle. The experts map rows to rows.
     combine: rows (S', D) and the handle -> (N, D), each token's expert outputs weighted by its
-    router weights and summed. `capacity_factor` None routes every assignment (dropless)."""
+    router weights and summed. `capacity_factor` None routes every assignment (dropless); with one,
+    the assignments over an expert's capacity add nothing to the output."""
 
     capacity_factor: float | None
 
@@ -68,7 +73,7 @@ class Permutation:
     @staticmethod
     def of(index: torch.Tensor, num_sources: int, members: torch.Tensor | None = None) -> Permutation:
         """`members`, where the caller has it already: any order of the rows grouped by source."""
-        sizes = torch.bincount(index, minlength=num_sources)
+        sizes = count(index, num_sources)
         members = index.argsort(stable=True) if members is None else members
         return Permutation(index, members, sizes.cumsum(0) - sizes)
 
@@ -135,9 +140,8 @@ class SortedAssignments:
     way back. Sorted assignment i reads source row `perm.index[i]`."""
 
     perm: Permutation  # the source rows, and each row's sorted assignments
-    order: torch.Tensor  # (S,) the assignment at each sorted position
+    order: torch.Tensor  # (A,) the assignment at each sorted position
     counts: torch.Tensor  # (E,) sorted assignments per expert
-    num_dropped: int  # assignments over capacity, left out
 
 
 def assignments(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +159,7 @@ def within_capacity(
     if capacity is None:
         return None
     order = expert.argsort(stable=True) if order is None else order
-    counts = torch.bincount(expert, minlength=num_experts)
+    counts = count(expert, num_experts)
     rank_in_expert = torch.empty_like(order)
     rank_in_expert[order] = (
         torch.arange(order.numel(), device=order.device) - (counts.cumsum(0) - counts)[expert[order]]
@@ -164,37 +168,28 @@ def within_capacity(
 
 
 def sort_by_expert(
-    row: torch.Tensor, expert: torch.Tensor, num_rows: int, num_experts: int, capacity: int | None = None
+    row: torch.Tensor, expert: torch.Tensor, num_rows: int, num_experts: int
 ) -> SortedAssignments:
-    """A assignments (row (A,) in nondecreasing order, expert (A,)) stably sorted by expert, each
-    expert keeping its first `capacity` if given."""
+    """A assignments (row (A,) in nondecreasing order, expert (A,)) stably sorted by expert."""
     order = expert.argsort(stable=True)  # (A,)
-    keep = within_capacity(expert, num_experts, capacity, order)
-    if keep is not None:
-        order = order[keep.index_select(0, order)]
-    counts = torch.bincount(expert, minlength=num_experts)
-    counts = counts if capacity is None else counts.clamp(max=capacity)
     # sorted positions listed by assignment, so grouped by row: the members, no second sort
-    position = torch.full_like(expert, -1) if keep is not None else torch.empty_like(expert)
+    position = torch.empty_like(expert)
     position[order] = torch.arange(order.numel(), device=order.device)
-    members = position if keep is None else position[position >= 0]
-    perm = Permutation.of(row.index_select(0, order), num_rows, members)
-    return SortedAssignments(perm, order, counts, expert.numel() - order.numel())
+    perm = Permutation.of(row.index_select(0, order), num_rows, position)
+    return SortedAssignments(perm, order, count(expert, num_experts))
 
 
 @dataclass
 class LocalHandle:
     sorted: SortedAssignments
-    weights: torch.Tensor  # (S,) the router weight of each sorted assignment
-
-    @property
-    def num_dropped(self) -> int:
-        return self.sorted.num_dropped
+    weights: torch.Tensor  # (A,) the router weight of each sorted assignment, 0 where dropped
+    num_dropped: torch.Tensor  # ()
 
 
 class LocalDispatcher:
-    """Single device: the N * k assignments sorted by expert; with a capacity factor each expert
-    keeps its first `capacity` assignments in token order and the rest are dropped."""
+    """Single device: the N * k assignments sorted by expert. With a capacity factor each expert
+    keeps its first `capacity` assignments in token order; the rest are still computed (the rows
+    keep a static shape) but weighted 0, so they add nothing to the output or to any gradient."""
 
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float | None = None):
         self.num_experts = num_experts
@@ -208,9 +203,15 @@ class LocalDispatcher:
 
     def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, LocalHandle]:
         token, expert = assignments(routing)
-        batch = sort_by_expert(token, expert, x.shape[0], self.num_experts, self.capacity(x.shape[0]))
-        weights = routing.weights.flatten().index_select(0, batch.order)
-        return permute(x, batch.perm), batch.counts, LocalHandle(batch, weights)
+        batch = sort_by_expert(token, expert, x.shape[0], self.num_experts)
+        weights = routing.weights.flatten()  # (A,)
+        keep = within_capacity(expert, self.num_experts, self.capacity(x.shape[0]), batch.order)
+        if keep is None:
+            num_dropped = expert.new_zeros(())
+        else:
+            weights, num_dropped = weights.masked_fill(~keep, 0.0), (~keep).sum()
+        handle = LocalHandle(batch, weights.index_select(0, batch.order), num_dropped)
+        return permute(x, batch.perm), batch.counts, handle
 
     def combine(self, rows: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
         return unpermute(rows, handle.sorted.perm, handle.weights.to(rows.dtype))

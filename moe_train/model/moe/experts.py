@@ -49,6 +49,9 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         gate_up, s = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # the compiler fuses the two halves itself (no out=)
+            grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
+            return torch.cat([grad_gate, grad_out * s], dim=-1)
         grad_gate_up = torch.empty_like(gate_up)
         grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
         torch.mul(grad_out, s, out=grad_up)
@@ -97,5 +100,41 @@ class GroupedExperts(nn.Module):
     def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (El,) end row of each expert
         w13, w2 = (w.to(x.dtype) for w in (self.w13, self.w2))
-        h = swiglu(torch._grouped_mm(x, w13, offs=offsets))  # (S, F)
-        return torch._grouped_mm(h, w2, offs=offsets)
+        grouped_mm = cpu_grouped_mm if x.device.type == "cpu" else torch._grouped_mm
+        h = swiglu(grouped_mm(x, w13, offs=offsets))  # (S, F)
+        return grouped_mm(h, w2, offs=offsets)
+
+
+# torch's shape function for _grouped_mm (what torch.compile traces with) accepts only bf16, while
+# the CPU kernel also runs fp32: on the CPU the product is an operator of our own around the same
+# kernel, with its shape function and its backward (aten's formulas), opaque to the compiler.
+@torch.library.custom_op("moe_train::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """(S, K) x (G, K, M) -> (S, M): rows grouped by `offs`; or (K, S) x (S, M) -> (G, K, M)."""
+    return torch._grouped_mm(a, b, offs=offs).contiguous()
+
+
+@_grouped_mm_op.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if b.ndim == 3:
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):
+    a, b, offs = ctx.saved_tensors
+    grad_a = _grouped_mm_op(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    grad_b = _grouped_mm_op(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def cpu_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(a, b, offs=offs) for (S, K) x (G, K, M) on the CPU, compilable in fp32."""
+    return _grouped_mm_op(a, b, offs)

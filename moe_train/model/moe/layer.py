@@ -45,8 +45,7 @@ class MoE(nn.Module):
         num_sequences = shape[0] if len(shape) == 3 else 1  # (N, D) counts as one sequence
         return out.view(shape), self.router.stats(routing, num_sequences, num_dropped)
 
-    @torch.compiler.disable  # data-dependent shapes: torch.compile covers the rest of the block
-    def _routed(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, int]:
+    def _routed(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         rows, counts, handle = self.dispatcher.dispatch(x, routing)  # (S, D) grouped by expert
         out = self.dispatcher.combine(self.experts(rows, counts), handle)  # (N, D)
         return out, handle.num_dropped

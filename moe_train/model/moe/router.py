@@ -33,7 +33,7 @@ class MoEStats:
     device_aux_loss: torch.Tensor  # scalar, differentiable: the same over the groups of experts
     z_loss: torch.Tensor  # scalar, differentiable
     tokens_per_expert: torch.Tensor  # (E,) routed assignments before any drop, detached
-    dropped: int  # assignments dropped by the capacity limit
+    dropped: torch.Tensor  # () assignments dropped by the capacity limit
 
 
 class TopKRouter(nn.Module):
@@ -81,9 +81,9 @@ class TopKRouter(nn.Module):
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)  # (N, G)
         return grouped.masked_fill(~keep.unsqueeze(-1), -math.inf).view_as(choice)
 
-    def stats(self, routing: Routing, num_sequences: int, dropped: int) -> MoEStats:
+    def stats(self, routing: Routing, num_sequences: int, dropped: torch.Tensor) -> MoEStats:
         """The balancing losses of this routing over `num_sequences` sequences of equal length."""
-        tokens_per_expert = torch.bincount(routing.experts.flatten(), minlength=self.num_experts)
+        tokens_per_expert = count(routing.experts.flatten(), self.num_experts)
         if self.aux_loss_scope == "sequence":
             probs = routing.probs.view(num_sequences, -1, self.num_experts)
             experts = routing.experts.view(num_sequences, -1)
@@ -110,6 +110,12 @@ class TopKRouter(nn.Module):
         counted over the whole global batch so that every rank moves it alike."""
         counts = tokens_per_expert.to(self.expert_bias)
         self.expert_bias += rate * torch.sign(counts.mean() - counts)
+
+
+def count(values: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) int64: how often each of 0 .. n-1 occurs in `values`. bincount's output length depends
+    on the values (a graph break under torch.compile); this one's does not."""
+    return values.new_zeros(n, dtype=torch.int64).scatter_add_(0, values, torch.ones_like(values))
 
 
 def load_balancing_loss(
