@@ -46,6 +46,27 @@ def test_moe_layer_under_bf16_autocast_matches_fp32():
     assert (out.float() - ref).norm() / ref.norm() < 2e-2
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_moe_layer_compiles_whole_on_gpu_with_no_host_sync(capacity_factor):
+    """fullgraph=True in bf16 (grouped GEMM), and no device-to-host copy in the compiled pass:
+    torch.cuda's sync debug mode raises on any synchronising call."""
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=8, top_k=2, num_shared_experts=1, capacity_factor=capacity_factor)
+    layer = MoE(config, 256, 512).cuda()
+    x = torch.randn(4, 64, 256, device="cuda", requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref, _ = layer(x)
+            for sync_mode in ("default", "error"):  # the first pass compiles (and may synchronise)
+                torch.cuda.set_sync_debug_mode(sync_mode)
+                out, stats = compiled(x)
+                (out.float().square().mean() + stats.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (out.float() - ref.float()).norm() / ref.float().norm() < 2e-2
+
+
 @pytest.mark.parametrize("engine", ["native", "deepspeed"])
 def test_train_steps_bf16_on_gpu(tmp_path, engine):
     """bf16 on one GPU: autocast (native) or DeepSpeed's bf16 with fp32 master weights (ZeRO-1)."""

@@ -21,7 +21,7 @@ def grouped_mm_dtype(x: torch.Tensor, *dims: int) -> torch.dtype | None:
     if x.device.type == "cpu":
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         dtype = dtype if dtype in (torch.float32, torch.bfloat16) else None
-    elif x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9:
+    elif x.is_cuda and _is_hopper_or_newer(x.device):
         autocast_bf16 = (
             torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
         )
@@ -31,6 +31,11 @@ def grouped_mm_dtype(x: torch.Tensor, *dims: int) -> torch.dtype | None:
     if dtype is None or any(d * dtype.itemsize % 16 for d in dims):
         return None
     return dtype
+
+
+@torch.compiler.assume_constant_result  # read once while tracing, not a graph break
+def _is_hopper_or_newer(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 class _SwiGLU(torch.autograd.Function):
