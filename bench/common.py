@@ -80,10 +80,12 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_json(name: str, payload: dict, out_dir: str | Path | None = None) -> Path:
+    """payload and the machine as <out_dir>/<name>-<gpu|cpu>.json; out_dir None: bench/results/."""
+    folder = RESULTS if out_dir is None else Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    path = RESULTS / f"{name}-{device}.json"
+    path = folder / f"{name}-{device}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     print(f"wrote {path}")
     return path

@@ -364,7 +364,9 @@ def bench_shape(
     contenders = {"ours": step_fn(layer, x, autocast), "loop": step_fn(LoopExperts(layer), x, autocast)}
     peers = {}
     try:
-        block = hf_block(layer, dim, hidden, experts, top_k, device)
+        block = None
+        if not args.contenders or "hf_mixtral" in args.contenders:
+            block = hf_block(layer, dim, hidden, experts, top_k, device)
         if block is not None:
             peers["hf_mixtral"] = (WithShared(block, layer.shared_experts), (1, tokens, dim))
     except Exception as e:  # noqa: BLE001 - a transformers version with another layout
@@ -429,6 +431,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--contenders", nargs="+", default=None, help="a subset (dense_matmul always runs)")
+    parser.add_argument("--out-dir", default=None, help="the JSON's folder (default bench/results)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -440,7 +443,8 @@ def main() -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
 
     rows = []
-    with world_of_one() as peers_available:
+    wanted = [p for p in ("deepspeed", "megatron") if not args.contenders or p in args.contenders]
+    with world_of_one(wanted) as peers_available:
         for name in args.shapes:
             shape = SHAPES[name]
             rows += bench_shape(name, *shape, divisor, tokens, device, dtype, autocast, peers_available, args)
@@ -470,7 +474,9 @@ def main() -> None:
         ],
     )
     write_json(
-        "moe_layer", {"rows": rows, "flops_formula": FLOPS_FORMULA, "ceiling_formula": CEILING_FORMULA}
+        "moe_layer",
+        {"rows": rows, "flops_formula": FLOPS_FORMULA, "ceiling_formula": CEILING_FORMULA},
+        out_dir=args.out_dir,
     )
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
-from moe_train.config import Config
+from moe_train.config import Config, TrainerConfig
 from moe_train.model import Transformer
 from moe_train.model.moe import is_expert_param
 from moe_train.parallel.expert_parallel import apply_expert_parallel
@@ -27,12 +27,17 @@ def parallelize(model: Transformer, config: Config, topology: Topology, bf16: bo
     make the whole block fall back to eager, so the checkpoint wraps the compiled block. FSDP
     shards the native engine's model on several processes (DeepSpeed shards its own way)."""
     apply_expert_parallel(model, topology)
-    if config.trainer.compile:
+    if compile_wanted(config.trainer, topology.device):
         apply_compile(model, fullgraph=topology.ep == 1)
     if config.trainer.activation_checkpointing:
         apply_activation_checkpointing(model)
     if topology.distributed and config.engine.name == "native":
         apply_fsdp(model, config.parallel, topology, bf16)
+
+
+def compile_wanted(trainer: TrainerConfig, device: torch.device) -> bool:
+    """trainer.compile, null meaning on a GPU only."""
+    return device.type == "cuda" if trainer.compile is None else trainer.compile
 
 
 def apply_compile(model: Transformer, fullgraph: bool) -> None:

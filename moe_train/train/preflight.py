@@ -42,17 +42,18 @@ def preflight(config: Config, world_size: int, main_rank: bool) -> None:
 
 
 def check_compiler(trainer: TrainerConfig) -> None:
-    """trainer.compile needs what torch.compile generates code with: a C++ compiler for the CPU,
-    Triton for a GPU. Without them the first step would fail deep inside the compiler."""
-    if not trainer.compile:
-        return
+    """trainer.compile (on by default on a GPU) needs what torch.compile generates code with: a C++
+    compiler for the CPU, Triton for a GPU. Without them the first step would fail deep inside
+    the compiler."""
     on_gpu = trainer.device == "cuda" or (trainer.device == "auto" and torch.cuda.is_available())
+    if not (trainer.compile or (trainer.compile is None and on_gpu)):
+        return
     if on_gpu:
         from torch.utils._triton import has_triton
 
         if not has_triton():
             raise ConfigError(
-                "trainer.compile=true needs Triton on a GPU and it is not installed "
+                "trainer.compile (on by default on a GPU) needs Triton and it is not installed "
                 "(pip install triton); trainer.compile=false runs without it"
             )
         return
