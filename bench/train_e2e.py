@@ -37,7 +37,10 @@ from moe_train.tools.cli import retain_freed_memory
 from moe_train.tools.hydra_config import compose_config
 from moe_train.train.trainer import Trainer
 
-COMPARE = {"compile": ("trainer.compile=false", "trainer.compile=true")}
+COMPARE = {
+    "compile": ("trainer.compile=false", "trainer.compile=true"),
+    "document_mask": ("data.document_mask=false", "data.document_mask=true"),
+}
 
 
 def start(config, topology: Topology, warmup: int) -> tuple[Trainer, dict]:
@@ -56,6 +59,7 @@ def summarise(trainer: Trainer, first: dict, timed: list[dict]) -> dict:
         "device": str(trainer.device),
         "precision": "bf16" if trainer.autocast_dtype else "fp32",
         "compile": compile_wanted(config.trainer, trainer.device),
+        "document_mask": config.data.document_mask,
         "total_params": trainer.size.total_params,
         "active_params": trainer.size.active_params,
         "flops_per_token": trainer.size.flops_per_token,
@@ -113,8 +117,12 @@ def interleaved(configs, topology, args) -> tuple[list[dict], list[dict | None]]
     return rows, profiles
 
 
+def label(row: dict) -> str:
+    return ("compiled" if row["compile"] else "eager") + (", document mask" if row["document_mask"] else "")
+
+
 def write_compare(args, rows: list[dict], profiles: list[dict | None]) -> None:
-    runs = {("compiled" if row["compile"] else "eager"): p for row, p in zip(rows, profiles) if p}
+    runs = {label(row): p for row, p in zip(rows, profiles) if p}
     write_json(
         f"train_e2e-{rows[0]['model']}-compare-{args.compare}",
         {"rows": rows, "overrides": args.overrides, "interleaved": args.interleave, "profiles": runs},
@@ -141,7 +149,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps, the first included")
     parser.add_argument("--profile", action="store_true", help="where a step's time goes (4 more steps)")
     parser.add_argument(
-        "--compare", choices=list(COMPARE), default=None, help="compile: eager, then compiled, in one table"
+        "--compare",
+        choices=list(COMPARE),
+        default=None,
+        help="compile: eager, then compiled; document_mask: without, then with; in one table",
     )
     parser.add_argument(
         "--interleave", action="store_true", help="with --compare: both Trainers at once, steps in turns"
@@ -168,7 +179,7 @@ def main() -> None:
             topology.close()
     print_table(rows, list(rows[-1]))
     if any(profiles):
-        print_profiles({("compiled" if r["compile"] else "eager"): p for r, p in zip(rows, profiles) if p})
+        print_profiles({label(r): p for r, p in zip(rows, profiles) if p})
     if args.compare:
         write_compare(args, rows, profiles)
     else:

@@ -29,6 +29,17 @@ class DataConfig:
     """data=stdlib: vocabulary of the byte-level BPE trained on the corpus."""
     cache_dir: str = "~/.cache/moe_train"
     """Where the stdlib corpus is prepared and megatron's sample indices are cached."""
+    document_mask: bool = False
+    """Each token attends only to the earlier tokens of its own document in the packed sequence
+    (documents end at the tokenizer's end-of-document token; the token belongs to the document it
+    ends), in training, evaluation and generation; the multi-token prediction depths too. Off:
+    the tail of whatever document came before is in view (megatron's reset_attention_mask=False)."""
+    reset_positions: bool = False
+    """Rotary positions restart at 0 at each document's first token (megatron's reset_position_ids)."""
+    eod_mask_loss: bool = False
+    """Leave out of the training loss each prediction whose target lies in the next document: the
+    token after an end-of-document token (and, for multi-token prediction, every prediction across
+    one). Validation still counts every token, so nats/byte compare across the options."""
 
     def __post_init__(self) -> None:
         one_of("data.name", self.name, ("stdlib", "stdlib_bytes", "indexed"))
@@ -53,6 +64,11 @@ class DataConfig:
                 all(is_finite(w) and w > 0 for w in self.weights),
                 f"data.weights={self.weights} must all be finite numbers > 0",
             )
+
+    @property
+    def separates_documents(self) -> bool:
+        """Whether any option needs the end-of-document tokens."""
+        return self.document_mask or self.reset_positions or self.eod_mask_loss
 
     @property
     def val_fraction(self) -> float:

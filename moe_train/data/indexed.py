@@ -68,6 +68,28 @@ def check_prefix(prefix: str | Path) -> tuple[int, int]:
     return int(index.sequence_lengths.sum()), len(index.sequence_lengths)
 
 
+def check_document_ends(
+    prefix: str | Path, eos_id: int, eos_token: str, key: str, checked: int = 1000
+) -> None:
+    """`key` (data.document_mask, say) reads documents' ends from their end-of-document tokens: a
+    corpus whose first `checked` documents all end without one has none (prepared without them,
+    e.g. megatron's preprocess_data without --append-eod) and is refused."""
+    index = megatron_datasets().indexed_dataset._IndexReader(f"{prefix}.idx", multimodal=False)
+    last_sequences = index.document_indices[1 : checked + 1] - 1  # each document's last sequence
+    ends = (
+        index.sequence_pointers[last_sequences] // index.dtype_size
+        + index.sequence_lengths[last_sequences]
+        - 1
+    )
+    tokens = np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r")
+    if ends.size and not (tokens[ends] == eos_id).any():
+        raise ConfigError(
+            f"{key}=true needs end-of-document tokens, and no document of {prefix} ends with the "
+            f"tokenizer's {eos_token} (id {eos_id}): prepare it with python -m "
+            "moe_train.tools.prepare_data, which ends every document with one"
+        )
+
+
 def _validation_documents(documents: int, split: str) -> int:
     """How many of a corpus's documents megatron's split gives to validation (its rule: split point
     k of n documents at round(cumulative weight k x n)). Checked before megatron builds anything,

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from moe_train.config import Config, ConfigError, DataConfig
-from moe_train.data.indexed import build_gpt_datasets, check_prefix
+from moe_train.data.indexed import build_gpt_datasets, check_document_ends, check_prefix
 from moe_train.data.stdlib import load_stdlib_bytes, prepare_stdlib
 from moe_train.data.tokenizer import ByteTokenizer, HFTokenizer
 from moe_train.parallel.topology import Topology
@@ -146,6 +146,11 @@ def build_datasets(config: Config, topology: Topology) -> Datasets:
                 check_prefix(prefix)  # raises, naming the missing file
         tokenizer_path = _indexed_tokenizer(data)
     tokenizer = HFTokenizer(tokenizer_path)
+    if data.separates_documents:  # stdlib_bytes ends every file with its marker
+        key = next(k for k in ("document_mask", "reset_positions", "eod_mask_loss") if getattr(data, k))
+        for prefix in prefixes:
+            check_prefix(prefix)
+            check_document_ends(prefix, tokenizer.eos_id, tokenizer.eos_token, f"data.{key}")
     train, val = build_gpt_datasets(
         prefixes,
         weights,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
+
+from moe_train.model.documents import DocumentPacking
 
 
 @torch.no_grad()
@@ -14,12 +18,19 @@ def generate(
     temperature: float = 0.8,
     top_k: int | None = 50,
     generator: torch.Generator | None = None,
+    documents: DocumentPacking | None = None,
 ) -> torch.Tensor:
-    """prompt (B, T0) int64 -> (B, T0 + max_new_tokens). Sampling runs on the CPU generator."""
+    """prompt (B, T0) int64 -> (B, T0 + max_new_tokens). Sampling runs on the CPU generator.
+    `documents`: the run's packing (data.document_mask, data.reset_positions), so that a token
+    sees what it saw in training: its own document only."""
     tokens = prompt
     max_len = model.config.max_seq_len
+    if documents is not None:  # SDPA's boolean mask: FlexAttention would compile for every length
+        documents = dataclasses.replace(documents, kernel="sdpa")
     for _ in range(max_new_tokens):
-        logits = model(tokens[:, -max_len:]).logits[:, -1, :].float().cpu()  # (B, V)
+        window = tokens[:, -max_len:]
+        out = model(window, documents=documents(window) if documents is not None else None)
+        logits = out.logits[:, -1, :].float().cpu()  # (B, V)
         logits = logits / max(temperature, 1e-5)
         if top_k is not None:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)

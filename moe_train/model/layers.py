@@ -11,8 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from moe_train.config import ModelConfig, RopeScalingConfig
+from moe_train.model.documents import compiled_flex_attention
 
 
 def rotary_tables(
@@ -73,10 +75,27 @@ def _yarn_scaled(wavelengths: torch.Tensor, theta: float, s: RopeScalingConfig) 
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, Dh); cos and sin (T, Dh)."""
+    """x (B, heads, T, Dh); cos and sin (T, Dh), or (B, 1, T, Dh) with positions per sequence."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+Mask = torch.Tensor | BlockMask | None  # documents.Documents.attention_mask: None is plain causal
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float | None = None
+) -> torch.Tensor:
+    """q (B, H, T, Dq), k (B, K, T, Dq), v (B, K, T, Dv) -> (B, H, T, Dv): causal, or within the
+    causal mask `mask` (packed documents kept apart): SDPA, or FlexAttention for a BlockMask."""
+    gqa = k.shape[1] != q.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if isinstance(mask, BlockMask):  # compiled on CUDA; eager (forward only, the tests') on a CPU
+        flex = compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -92,15 +111,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(num_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.wk(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
         v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # (B, H, T, Dh)
+        y = causal_attention(q, k, v, mask)  # (B, H, T, Dh)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -141,8 +160,10 @@ class LatentAttention(nn.Module):
         self.wkv_b = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.wo = nn.Linear(num_heads * v_head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D); cos and sin (T, rope_dim)."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask = None
+    ) -> torch.Tensor:
+        """x (B, T, D); cos and sin (T, rope_dim) or (B, 1, T, rope_dim)."""
         B, T, _ = x.shape
         H = self.num_heads
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora else self.wq(x)  # (B, T, H * (nope + rope))
@@ -151,10 +172,10 @@ class LatentAttention(nn.Module):
         kv = self.wkv_b(self.kv_norm(latent)).view(B, T, H, -1).transpose(1, 2)  # (B, H, T, nope + v)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q_rope = apply_rotary(q_rope, cos, sin)  # (B, H, T, rope)
-        k_rope = apply_rotary(k_rope.unsqueeze(1), cos, sin).expand(B, H, T, self.rope_dim)
+        k_rope = apply_rotary(k_rope.unsqueeze(1), cos, sin).expand(B, H, T, self.rope_dim)  # (B, H, T, rope)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, nope + rope)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)  # (B, H, T, v)
+        y = causal_attention(q, k, v, mask, self.softmax_scale)  # (B, H, T, v)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_train.config import ModelConfig
-from moe_train.model.layers import FeedForward, attention, rotary_tables
+from moe_train.model.documents import Documents
+from moe_train.model.layers import FeedForward, Mask, attention, rotary_tables
 from moe_train.model.moe import MoE, MoEStats, is_expert_param
 
 
@@ -35,9 +36,10 @@ class Block(nn.Module):
         return isinstance(self.ffn, MoE)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask = None
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+        """x (B, T, D); cos, sin (T, Dh) or (B, 1, T, Dh); mask: None (causal) or the documents'."""
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
         if self.is_moe:
             out, stats = self.ffn(self.ffn_norm(x))
             return x + out, stats
@@ -59,11 +61,16 @@ class MTPDepth(nn.Module):
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
 
     def forward(
-        self, hidden: torch.Tensor, embedded: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        embedded: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Mask = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """hidden, embedded (B, n, D) -> this depth's normalised hidden state (B, n, D), stats."""
         x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))
-        x, stats = self.block(x, cos, sin)
+        x, stats = self.block(x, cos, sin, mask)
         return self.norm(x), stats
 
 
@@ -161,17 +168,27 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, documents: Documents | None = None
+    ) -> ModelOutput:
         """tokens (B, T) int64 -> ModelOutput. `targets` (B, T), the next tokens, are needed only
-        by multi-token prediction: without them (evaluation, generation) it is skipped."""
+        by multi-token prediction: without them (evaluation, generation) it is skipped. With
+        `documents` (model/documents.py) the packed documents are kept apart: attention, rotary
+        positions and the multi-token prediction loss as it says."""
         T = tokens.shape[1]
         if T > self.config.max_seq_len:  # the rotary tables end there
             raise ValueError(f"{T} tokens are more than model.max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, Dh)
+        mask = None
+        if documents is not None:
+            mask = documents.attention_mask(T)  # once per batch, for every block
+            if documents.positions is not None:
+                cos = self.rope_cos[documents.positions].unsqueeze(1)  # (B, 1, T, Dh)
+                sin = self.rope_sin[documents.positions].unsqueeze(1)
         x = self.tok_embeddings(tokens)  # (B, T, D)
         all_stats: list[MoEStats] = []
         for block in self.layers:
-            x, stats = block(x, cos, sin)
+            x, stats = block(x, cos, sin, mask)
             if stats is not None:
                 all_stats.append(stats)
         hidden = self.norm(x)
@@ -184,10 +201,12 @@ class Transformer(nn.Module):
             for k, depth in enumerate(self.mtp, start=1):
                 n = T - k
                 embedded = self.tok_embeddings(targets[:, k - 1 : k - 1 + n])
-                hidden, stats = depth(hidden[:, :n], embedded, cos[:n], sin[:n])
+                depth_mask = documents.attention_mask(n) if documents is not None else None
+                counted = documents.loss_mask(k) if documents is not None else None
+                hidden, stats = depth(hidden[:, :n], embedded, cos[..., :n, :], sin[..., :n, :], depth_mask)
                 if stats is not None:
                     all_stats.append(stats)
-                mtp_losses.append(lm_loss(self.output(hidden), targets[:, k:]))
+                mtp_losses.append(lm_loss(self.output(hidden), targets[:, k:], counted))
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else zero
         if not all_stats:
             return ModelOutput(logits, zero, zero, zero, None, None, mtp_loss)
@@ -207,8 +226,11 @@ def _normal(shape, std: float, seed: int, key: str) -> torch.Tensor:
     return torch.empty(shape).normal_(std=std, generator=generator)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats, computed in fp32."""
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats, computed in fp32; over the positions where `counted`
+    (B, T) bool is True, if given (Documents.loss_mask)."""
+    if counted is not None:
+        targets = targets.masked_fill(~counted, -100)  # cross_entropy's ignore_index
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 

@@ -10,6 +10,7 @@ import torch
 
 from moe_train.config import ConfigError
 from moe_train.data.loader import load_tokenizer
+from moe_train.model.documents import document_packing
 from moe_train.model.generate import generate
 from moe_train.model.moe import dropless
 from moe_train.tools.cli import one_line_errors, tool_parser
@@ -32,12 +33,13 @@ def sample(
     model.to(device).eval()
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     generator = torch.Generator().manual_seed(seed)
+    documents = document_packing(config.data, tokenizer.eos_id)  # as the run's data kept them
     samples = []
     for prompt in prompts:
         # a prompt follows an end-of-document token, as a document does in training
         ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(prompt)]], device=device)
         with autocast, dropless(model):  # every token routed, as in an export to Hugging Face
-            tokens = generate(model, ids, max_new_tokens, temperature, top_k or None, generator)
+            tokens = generate(model, ids, max_new_tokens, temperature, top_k or None, generator, documents)
         samples.append(tokenizer.decode(tokens[0, 1:].tolist()))
     return samples
 

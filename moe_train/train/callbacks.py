@@ -17,6 +17,7 @@ from tqdm import tqdm
 from moe_train.config import Config
 from moe_train.data.tokenizer import ByteTokenizer, HFTokenizer
 from moe_train.model import Transformer
+from moe_train.model.documents import DocumentPacking
 from moe_train.model.generate import generate
 from moe_train.model.moe import dropless
 from moe_train.parallel.topology import Topology
@@ -35,6 +36,7 @@ class Trainer(Protocol):
     device: torch.device
     model: Transformer
     tokenizer: ByteTokenizer | HFTokenizer
+    documents: DocumentPacking
     engine: Engine
     checkpointer: Checkpointer
     progress: Progress
@@ -203,7 +205,9 @@ class PrintSamples(Callback):
             prompt_text = SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]
             prompt = torch.tensor([tokenizer.encode(prompt_text)], device=trainer.device)
             with trainer.autocast(), dropless(trainer.model):  # as generate and an export route
-                tokens = generate(trainer.model, prompt, t.sample_tokens, generator=generator)
+                tokens = generate(
+                    trainer.model, prompt, t.sample_tokens, generator=generator, documents=trainer.documents
+                )
             if trainer.topology.is_main:
                 print(f"\n----- sample {i + 1} -----\n{tokenizer.decode(tokens[0].tolist())}", flush=True)
         trainer.model.train()

@@ -16,6 +16,7 @@ import torch
 from moe_train.config import Config, ConfigError, ModelConfig, TrainerConfig
 from moe_train.data import build_datasets
 from moe_train.model import Transformer, lm_loss, model_size
+from moe_train.model.documents import document_packing
 from moe_train.parallel.parallelize import materialize, parallelize
 from moe_train.parallel.topology import Topology
 from moe_train.train.callbacks import Callback, default_callbacks
@@ -94,6 +95,7 @@ class Trainer:
 
         datasets = build_datasets(config, topology)
         self.tokenizer, self.train_data, self.val_data = datasets.tokenizer, datasets.train, datasets.val
+        self.documents = document_packing(config.data, self.tokenizer.eos_id)  # each batch's documents
         config = dataclasses.replace(config, model=vocab_layout(config.model, self.tokenizer.vocab_size))
         self.config = config
         self.val_bytes_per_token = self._bytes_per_token(self.val_data.samples(0, self._num_val_samples))
@@ -219,9 +221,11 @@ class Trainer:
         self.expert_load.reset()
         for micro in batch.split(t.micro_batch_size):
             micro = micro.to(self.device, non_blocking=True)
+            inputs, targets = micro[:, :-1], micro[:, 1:]
+            documents = self.documents(inputs, targets)
             with self.autocast():
-                out = self.model(micro[:, :-1], targets=micro[:, 1:])
-                lm = lm_loss(out.logits, micro[:, 1:])
+                out = self.model(inputs, targets=targets, documents=documents)
+                lm = lm_loss(out.logits, targets, documents.loss_mask())
             other_losses = (out.aux_loss, out.device_aux_loss, out.z_loss, out.mtp_loss)
             self.engine.backward(self._objective(lm, *other_losses))
             losses += torch.stack([lm, *other_losses]).detach()
@@ -320,8 +324,9 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for micro in mine.split(t.micro_batch_size):
             micro = micro.to(self.device)
+            inputs = micro[:, :-1]  # every prediction counts, whatever data.eod_mask_loss says
             with self.autocast():
-                total += lm_loss(self.model(micro[:, :-1]).logits, micro[:, 1:])
+                total += lm_loss(self.model(inputs, documents=self.documents(inputs)).logits, micro[:, 1:])
         self.model.train()
         num_micro_batches = t.eval_batches * self.micro_batches_per_step * topo.world_size
         loss = (topo.all_reduce(total) / num_micro_batches).item()

@@ -2,7 +2,7 @@
 input mistake), no traceback, a message naming the culprit, and every file that was there before
 left byte for byte as it was.
 
-This table: 74 commands (24 in the default half, 50 more in the slow half): data and prepare_data 15,
+This table: 76 commands (25 in the default half, 51 more in the slow half): data and prepare_data 17,
 checkpoints 13 (train.py, generate, export_hf), tools' arguments and outputs 29, Hugging Face
 folders 7, config values through train.py 10. With the rest of the suite, about 290 bad inputs in all:
 tests/unit/test_config.py 174 (124 numbers out of range, 50 bad values), tests/e2e/test_hf.py 14
@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import TINY
 
@@ -85,6 +86,9 @@ def ws(tmp_path_factory) -> Path:
     (data / "json.bin").write_bytes(corpus.with_suffix(".bin").read_bytes())
     (data / "tokenizer.json").write_text("{ this is not json")
     (data / "weird.bin").write_bytes(os.urandom(256))  # an input prepare_data cannot read
+    without_ends(corpus, data / "no_eod")
+    tokenizer = json.loads((ws / "corpus" / "tokenizer.json").read_text())  # its marker renamed
+    (data / "no_eos.json").write_text(json.dumps(tokenizer).replace("<|endoftext|>", "<|marker|>"))
 
     for name, damage in {
         "no_shard": lambda c: next(c.glob("*.distcp")).unlink(),
@@ -129,6 +133,19 @@ def ws(tmp_path_factory) -> Path:
     return ws
 
 
+def without_ends(corpus: Path, prefix: Path) -> None:
+    """A copy of a prepared corpus with each document's end-of-document token left out (as
+    megatron's preprocess_data writes without --append-eod)."""
+    from moe_train.data.indexed import megatron_datasets
+
+    indexed = megatron_datasets().indexed_dataset
+    source = indexed.IndexedDataset(str(corpus))
+    builder = indexed.IndexedDatasetBuilder(f"{prefix}.bin", dtype=source.index.dtype)
+    for i in range(len(source)):
+        builder.add_document(torch.from_numpy(source[i][:-1].astype("int64")), [len(source[i]) - 1])
+    builder.finalize(f"{prefix}.idx")
+
+
 def cases(ws: Path) -> list[tuple[str, list[str], str]]:
     """(name, command, what stderr must say)."""
     py = sys.executable
@@ -169,6 +186,11 @@ def cases(ws: Path) -> list[tuple[str, list[str], str]]:
             indexed("d8", corpus, ws / "small" / "tokenizer.json"),
             "outside the tokenizer's vocabulary of 260",
         ),
+        ("data: document mask, no end-of-document tokens",
+         indexed("d9", ws / "data" / "no_eod", f"{ws / 'corpus' / 'tokenizer.json'}", "data.document_mask=true"),
+         "no document of"),
+        ("data: document mask, a tokenizer without the token",
+         indexed("d10", corpus, ws / "data" / "no_eos.json", "data.document_mask=true"), "no end-of-document token"),
         ("prepare: tokenizer not JSON", tool("prepare_data", ws / "src.jsonl", "--output", ws / "p1" / "x",
                                              "--tokenizer", ws / "data" / "tokenizer.json"), "tokenizer.json"),
         ("prepare: input of another format", tool("prepare_data", ws / "data" / "weird.bin", "--output",
@@ -273,6 +295,7 @@ MORE = {
     "config: out_dir over a checkpoint's shard",
     "prepare: --vocab-size 0",
     "prepare: --bpe-sample-mb nan",
+    "data: document mask, a tokenizer without the token",
     "ckpt: no config.yaml",
     "generate: corrupt .metadata",
     "export: truncated shard",
