@@ -19,14 +19,10 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS, print_table, write_json
+from bench.paper_claims import train
 from moe_train.tools import plot
-from moe_train.tools.hydra_config import compose_config
 from moe_train.tools.upcycle import upcycle
 from moe_train.train.checkpoint import load_model
-from moe_train.train.metrics import read_metrics
-from moe_train.train.trainer import run
-
-COMMON = ["logging.wandb.mode=disabled", "logging.progress_bar=false", "trainer.num_samples=0"]
 
 
 def start_gap(upcycled: Path, dense: Path) -> float:
@@ -52,17 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run(
-            compose_config(
-                [
-                    "model=dense_tiny",
-                    f"trainer.out_dir={tmp / 'base'}",
-                    f"trainer.max_steps={args.base_steps}",
-                    *COMMON,
-                ]
-            )
-        )
         base = tmp / "base"
+        train("dense_tiny", base, "model=dense_tiny", f"trainer.max_steps={args.base_steps}")
         variants = {"dense": base, "upcycled_8x_top2": upcycle(base, tmp / "up8", num_experts=8, top_k=2)}
         if args.fine_grained:
             variants["upcycled_16x_half_top4"] = upcycle(
@@ -73,19 +60,14 @@ def main() -> None:
             if name == "dense":  # the last checkpoint of the base run
                 init = sorted((base / "checkpoints").iterdir())[-1]
             out = tmp / name
-            run(
-                compose_config(
-                    [
-                        f"trainer.init_from={init}",
-                        f"trainer.out_dir={out}",
-                        f"trainer.max_steps={args.steps}",
-                        f"trainer.eval_every={args.eval_every}",
-                        *COMMON,
-                    ]
-                )
-            )
-            metrics = read_metrics(out)
-            runs[name] = out
+            metrics = train(
+                name,
+                out,
+                f"trainer.init_from={init}",
+                f"trainer.max_steps={args.steps}",
+                f"trainer.eval_every={args.eval_every}",
+            ).metrics
+            runs[name] = out, metrics
             final = metrics[-1]
             rows.append(
                 {
@@ -98,7 +80,7 @@ def main() -> None:
             )
         print_table(rows, list(rows[0]))
         RESULTS.mkdir(parents=True, exist_ok=True)
-        plot.main([str(p) for p in runs.values()] + ["--out", str(RESULTS / "upcycling")])
+        plot.main([str(p) for p, _ in runs.values()] + ["--out", str(RESULTS / "upcycling")])
         write_json(
             "upcycling",
             {
@@ -106,8 +88,8 @@ def main() -> None:
                 "base_steps": args.base_steps,
                 "steps": args.steps,
                 "curves": {
-                    n: [(m["step"], m["val_loss"]) for m in read_metrics(p) if "val_loss" in m]
-                    for n, p in runs.items()
+                    n: [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+                    for n, (_, metrics) in runs.items()
                 },
             },
         )

@@ -287,6 +287,23 @@ def test_full_size_presets_match_published_counts(preset):
         assert abs(main_active - active) <= max(0.01 * active, active_unit)
 
 
+# The tiny presets bench.paper_claims compares (docs/paper_claims.md), matched to mixtral_tiny as
+# DeepSeekMoE's Table 1 matches its models: which counts must agree, within 2 %.
+MATCHED_TO_MIXTRAL_TINY = {
+    "dbrx_tiny": ("total_params", "active_params", "flops_per_token"),
+    "deepseekmoe_matched_tiny": ("total_params", "active_params", "flops_per_token"),
+    "dense_tiny": ("active_params", "flops_per_token"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(MATCHED_TO_MIXTRAL_TINY))
+def test_tiny_presets_compared_in_the_benchmark_are_matched(preset):
+    reference = inspect_config(compose_config(["model=mixtral_tiny"]))
+    counts = inspect_config(compose_config([f"model={preset}"]))
+    for key in MATCHED_TO_MIXTRAL_TINY[preset]:
+        assert abs(counts[key] / reference[key] - 1) <= 0.02, (key, counts[key], reference[key])
+
+
 def test_deepseek_v3_with_its_mtp_module_has_the_published_checkpoints_size():
     """DeepSeek-V3's Hugging Face checkpoint holds 685B parameters, "671B of the main model and
     14B of the MTP module", which stores its own copies of the embedding and the output head. The
