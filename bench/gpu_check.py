@@ -43,18 +43,9 @@ MOE_1B = [
     "trainer.micro_batch_size=4",
     "logging.progress_bar=false",
 ]
-# a model of a few seconds on a CPU, for --cpu-smoke
-TOY = [
-    "model=mixtral_tiny",
-    "data=stdlib_bytes",
-    "model.dim=64",
-    "model.num_layers=2",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.ffn_hidden_dim=96",
-    "data.seq_len=32",
-    "logging.progress_bar=false",
-]
+# a model of a few seconds on a CPU, for --cpu-smoke: the tests' own (the repository is the cwd)
+sys.path.insert(0, str(ROOT))
+from tests.conftest import TINY as TOY  # noqa: E402
 
 
 def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
