@@ -114,12 +114,13 @@ class GroupedExperts(nn.Module):
 # the CPU kernel also runs fp32: on the CPU the product is an operator of our own around the same
 # kernel, with its shape function and its backward (aten's formulas), opaque to the compiler.
 @torch.library.custom_op("moe_train::grouped_mm", mutates_args=())
-def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """(S, K) x (G, K, M) -> (S, M): rows grouped by `offs`; or (K, S) x (S, M) -> (G, K, M)."""
+def cpu_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(a, b, offs=offs) on the CPU, compilable in fp32: (S, K) x (G, K, M) ->
+    (S, M), rows grouped by `offs`; or (K, S) x (S, M) -> (G, K, M) (the weights' gradient)."""
     return torch._grouped_mm(a, b, offs=offs).contiguous()
 
 
-@_grouped_mm_op.register_fake
+@cpu_grouped_mm.register_fake
 def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if b.ndim == 3:
         return a.new_empty(a.shape[0], b.shape[2])
@@ -128,8 +129,8 @@ def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 
 def _grouped_mm_backward(ctx, grad: torch.Tensor):
     a, b, offs = ctx.saved_tensors
-    grad_a = _grouped_mm_op(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
-    grad_b = _grouped_mm_op(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    grad_a = cpu_grouped_mm(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    grad_b = cpu_grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
     return grad_a, grad_b, None
 
 
@@ -137,9 +138,4 @@ def _grouped_mm_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-
-
-def cpu_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm(a, b, offs=offs) for (S, K) x (G, K, M) on the CPU, compilable in fp32."""
-    return _grouped_mm_op(a, b, offs)
+cpu_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
