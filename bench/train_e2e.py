@@ -58,7 +58,7 @@ def summarise(trainer: Trainer, first: dict, timed: list[dict]) -> dict:
         "model": config.model.name,
         "device": str(trainer.device),
         "precision": "bf16" if trainer.autocast_dtype else "fp32",
-        "compile": compile_wanted(config.trainer, trainer.device),
+        "compile": compile_wanted(config, trainer.device),
         "document_mask": config.data.document_mask,
         "total_params": trainer.size.total_params,
         "active_params": trainer.size.active_params,

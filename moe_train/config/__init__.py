@@ -79,6 +79,7 @@ class Config:
             )
         else:
             check(self.parallel.ep == 1, f"parallel.ep={self.parallel.ep} needs an MoE model (ep=1)")
+        self._check_pipeline()
         if self.engine.name == "deepspeed":
             p = self.parallel
             check(
@@ -86,3 +87,31 @@ class Config:
                 "parallel.dp_shard, parallel.reshard_after_forward and parallel.reduce_dtype set FSDP2, "
                 "which is engine=native's: engine=deepspeed shards with engine.zero_stage",
             )
+
+    def _check_pipeline(self) -> None:
+        p, layers = self.parallel, self.model.num_layers
+        stages = p.pp * p.pp_stages_per_rank
+        if p.pp_layers is not None:
+            check(
+                len(p.pp_layers) == stages and sum(p.pp_layers) == layers,
+                f"parallel.pp_layers={list(p.pp_layers)} must list {stages} stages (parallel.pp x "
+                f"parallel.pp_stages_per_rank) summing to model.num_layers={layers}",
+            )
+        if p.pp == 1:
+            return
+        check(
+            self.engine.name == "native",
+            f"parallel.pp={p.pp} needs engine=native (FSDP2 within each stage); engine=deepspeed runs pp=1",
+        )
+        check(
+            stages <= layers,
+            f"parallel.pp={p.pp} x parallel.pp_stages_per_rank={p.pp_stages_per_rank} = {stages} "
+            f"stages is more than model.num_layers={layers}: every stage needs a layer",
+        )
+        zero_bubble = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+        check(
+            not (self.trainer.compile and p.pp_schedule in zero_bubble),
+            f"trainer.compile=true cannot run with parallel.pp_schedule={p.pp_schedule}: the zero-bubble "
+            "schedules split each block's backward, which a compiled block cannot; use "
+            "trainer.compile=false, or 1F1B or Interleaved1F1B",
+        )

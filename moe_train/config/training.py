@@ -212,6 +212,18 @@ class TrainerConfig:
             positive("trainer.exit_after_minutes", self.exit_after_minutes, "or null for no limit")
 
 
+# torch.distributed.pipelining's schedules, by the names get_schedule_class knows them
+SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
+V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+PIPELINE_SCHEDULES = (
+    *SINGLE_STAGE_SCHEDULES,
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    *V_SCHEDULES,
+)
+
+
 @dataclass
 class ParallelConfig:
     ep: int = 1
@@ -230,9 +242,45 @@ class ParallelConfig:
     processes): fp32 (exact sums of bf16 gradients) or bf16 (half the bytes)."""
     timeout_minutes: float = 5.0
     """A collective that waits longer than this fails with an error naming it (no silent hang)."""
+    pp: int = 1
+    """Pipeline-parallel degree (engine=native): the blocks are cut into stages of consecutive
+    layers over this many ranks; the world is pp x the data-parallel ranks of each stage (which
+    ep and dp_shard divide). The embedding is on the first stage; the final norm, head, loss and
+    multi-token prediction depths on the last."""
+    pp_schedule: str = "1F1B"
+    """torch.distributed.pipelining's schedule: GPipe or 1F1B (one stage per rank); Interleaved1F1B,
+    LoopedBFS or InterleavedZeroBubble (stages looped over the ranks); ZBVZeroBubble or DualPipeV
+    (two stages per rank in a V). The step's micro-batches are the pipeline's."""
+    pp_stages_per_rank: int | None = None
+    """Stages each rank holds; null: 1 for GPipe and 1F1B, 2 for the others."""
+    pp_layers: list[int] | None = None
+    """Layers of each stage in order (pp x stages per rank numbers, summing to model.num_layers);
+    null: as even as possible, the remainder to the middle stages (the first stage also embeds,
+    the last also carries the head and multi-token prediction)."""
 
     def __post_init__(self) -> None:
         at_least("parallel.ep", self.ep, 1)
+        at_least("parallel.pp", self.pp, 1)
+        one_of("parallel.pp_schedule", self.pp_schedule, PIPELINE_SCHEDULES)
+        if self.pp_stages_per_rank is None:
+            self.pp_stages_per_rank = 1 if self.pp_schedule in SINGLE_STAGE_SCHEDULES else 2
+        at_least("parallel.pp_stages_per_rank", self.pp_stages_per_rank, 1)
+        if self.pp_schedule in SINGLE_STAGE_SCHEDULES:
+            check(
+                self.pp_stages_per_rank == 1,
+                f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank, not "
+                f"parallel.pp_stages_per_rank={self.pp_stages_per_rank}; for several use "
+                f"{', '.join(s for s in PIPELINE_SCHEDULES if s not in SINGLE_STAGE_SCHEDULES)}",
+            )
+        if self.pp_schedule in V_SCHEDULES:
+            check(
+                self.pp_stages_per_rank == 2,
+                f"parallel.pp_schedule={self.pp_schedule} needs exactly 2 stages per rank, not "
+                f"parallel.pp_stages_per_rank={self.pp_stages_per_rank}",
+            )
+        if self.pp_layers is not None:
+            for n in self.pp_layers:
+                at_least("parallel.pp_layers[*]", n, 1)
         check(
             self.dp_shard == -1 or (is_finite(self.dp_shard) and self.dp_shard >= 1),
             f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 for the whole world",

@@ -22,6 +22,7 @@ from moe_train.model.moe import MoE, MoEStats, is_expert_param
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
+        self.layer_id = layer_id
         self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.attention = attention(config)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
@@ -93,6 +94,12 @@ def block_prefixes(config: ModelConfig) -> list[str]:
     ]
 
 
+def moe_block_ids(config: ModelConfig) -> list[int]:
+    """Layer ids of every MoE block of the whole model, in the order of the router statistics
+    (MTP depth k's block is layer num_layers + k - 1)."""
+    return [i for i in range(config.num_layers + config.mtp.num_layers) if config.is_moe_layer(i)]
+
+
 class Transformer(nn.Module):
     """Built on a real device, it is initialised at once (seed 0, `init_weights`); built on the meta
     device it is not, and whoever materialises it initialises each shard (`initial_values`)."""
@@ -102,10 +109,11 @@ class Transformer(nn.Module):
         if config.vocab_size is None:
             raise ValueError("model.vocab_size is unset: it follows the tokenizer once the data is built")
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(config.vocab_size, config.dim)
+        # keyed by layer id, so that a pipeline stage that keeps some of them keeps their names
+        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.num_layers)})
+        self.norm: nn.RMSNorm | None = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # after the layers: modules() and the router statistics list MTP's MoE layers last
@@ -121,13 +129,13 @@ class Transformer(nn.Module):
     @property
     def blocks(self) -> list[Block]:
         """Every transformer block: the layers', then each MTP depth's."""
-        return [*self.layers, *(depth.block for depth in self.mtp)]
+        return [*self.layers.values(), *(depth.block for depth in self.mtp)]
 
     @property
     def moe_layer_ids(self) -> list[int]:
-        """Layer ids of the MoE blocks, in the order of the router statistics (MTP depth k's block
-        is layer num_layers + k - 1)."""
-        return [i for i, block in enumerate(self.blocks) if block.is_moe]
+        """Layer ids of the MoE blocks this model holds (all but on a pipeline stage), in the
+        order of the router statistics (MTP depth k's block is layer num_layers + k - 1)."""
+        return [block.layer_id for block in self.blocks if block.is_moe]
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -175,7 +183,14 @@ class Transformer(nn.Module):
         by multi-token prediction: without them (evaluation, generation) it is skipped. With
         `documents` (model/documents.py) the packed documents are kept apart: attention, rotary
         positions and the multi-token prediction loss as it says."""
-        T = tokens.shape[1]
+        context = self.context(tokens.shape[1], documents)
+        x, all_stats = self.run_layers(self.tok_embeddings(tokens), self.layers.values(), context)
+        logits, mtp_loss, mtp_stats = self.head(x, targets, context)
+        return model_output(logits, all_stats + mtp_stats, mtp_loss)
+
+    def context(self, T: int, documents: Documents | None) -> Context:
+        """What every block of a batch sees besides x: rotary tables and the attention mask, made
+        once per batch."""
         if T > self.config.max_seq_len:  # the rotary tables end there
             raise ValueError(f"{T} tokens are more than model.max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, Dh)
@@ -185,16 +200,27 @@ class Transformer(nn.Module):
             if documents.positions is not None:
                 cos = self.rope_cos[documents.positions].unsqueeze(1)  # (B, 1, T, Dh)
                 sin = self.rope_sin[documents.positions].unsqueeze(1)
-        x = self.tok_embeddings(tokens)  # (B, T, D)
+        return Context(cos, sin, mask, documents)
+
+    @staticmethod
+    def run_layers(x: torch.Tensor, blocks, context: Context) -> tuple[torch.Tensor, list[MoEStats]]:
+        """x (B, T, D) through `blocks` in order; their MoE layers' statistics."""
         all_stats: list[MoEStats] = []
-        for block in self.layers:
-            x, stats = block(x, cos, sin, mask)
+        for block in blocks:
+            x, stats = block(x, context.cos, context.sin, context.mask)
             if stats is not None:
                 all_stats.append(stats)
+        return x, all_stats
+
+    def head(
+        self, x: torch.Tensor, targets: torch.Tensor | None, context: Context
+    ) -> tuple[torch.Tensor, torch.Tensor, list[MoEStats]]:
+        """The last layer's output (B, T, D) -> logits (B, T, V), the multi-token prediction loss
+        (0 without targets) and its MoE layers' statistics."""
         hidden = self.norm(x)
         logits = self.output(hidden)  # (B, T, V)
-        zero = logits.new_zeros((), dtype=torch.float32)
-        mtp_losses = []
+        documents, T = context.documents, x.shape[1]
+        mtp_losses, all_stats = [], []
         if targets is not None:
             # depth k at position i sees token i + k (targets[i + k - 1]) and predicts token
             # i + k + 1 (targets[i + k]): the last k positions have nothing to predict
@@ -203,22 +229,37 @@ class Transformer(nn.Module):
                 embedded = self.tok_embeddings(targets[:, k - 1 : k - 1 + n])
                 depth_mask = documents.attention_mask(n) if documents is not None else None
                 counted = documents.loss_mask(k) if documents is not None else None
-                hidden, stats = depth(hidden[:, :n], embedded, cos[..., :n, :], sin[..., :n, :], depth_mask)
+                cos, sin = context.cos[..., :n, :], context.sin[..., :n, :]
+                hidden, stats = depth(hidden[:, :n], embedded, cos, sin, depth_mask)
                 if stats is not None:
                     all_stats.append(stats)
                 mtp_losses.append(lm_loss(self.output(hidden), targets[:, k:], counted))
-        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else zero
-        if not all_stats:
-            return ModelOutput(logits, zero, zero, zero, None, None, mtp_loss)
-        return ModelOutput(
-            logits,
-            aux_loss=torch.stack([s.aux_loss for s in all_stats]).mean(),
-            device_aux_loss=torch.stack([s.device_aux_loss for s in all_stats]).mean(),
-            z_loss=torch.stack([s.z_loss for s in all_stats]).mean(),
-            tokens_per_expert=torch.stack([s.tokens_per_expert for s in all_stats]),
-            dropped=torch.stack([s.dropped for s in all_stats]).float(),
-            mtp_loss=mtp_loss,
-        )
+        zero = logits.new_zeros((), dtype=torch.float32)
+        return logits, torch.stack(mtp_losses).mean() if mtp_losses else zero, all_stats
+
+
+@dataclass
+class Context:
+    cos: torch.Tensor  # (T, Dh) or (B, 1, T, Dh)
+    sin: torch.Tensor
+    mask: Mask  # None: causal
+    documents: Documents | None
+
+
+def model_output(logits: torch.Tensor, all_stats: list[MoEStats], mtp_loss: torch.Tensor) -> ModelOutput:
+    """The router statistics averaged over the MoE layers (zero for a dense model)."""
+    zero = logits.new_zeros((), dtype=torch.float32)
+    if not all_stats:
+        return ModelOutput(logits, zero, zero, zero, None, None, mtp_loss)
+    return ModelOutput(
+        logits,
+        aux_loss=torch.stack([s.aux_loss for s in all_stats]).mean(),
+        device_aux_loss=torch.stack([s.device_aux_loss for s in all_stats]).mean(),
+        z_loss=torch.stack([s.z_loss for s in all_stats]).mean(),
+        tokens_per_expert=torch.stack([s.tokens_per_expert for s in all_stats]),
+        dropped=torch.stack([s.dropped for s in all_stats]).float(),
+        mtp_loss=mtp_loss,
+    )
 
 
 def _normal(shape, std: float, seed: int, key: str) -> torch.Tensor:

@@ -18,13 +18,17 @@ from moe_train.model.moe import is_expert_param
 from moe_train.parallel.topology import Topology
 
 
-def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, bf16: bool) -> None:
+def apply_fsdp(
+    model: Transformer, config: ParallelConfig, topology: Topology, bf16: bool, stages: list | None = None
+) -> None:
     """One FSDP unit per layer and per multi-token prediction depth (its experts a unit of their
     own, on the expert mesh), one for the embedding and one for the final norm and head (one for
     all three when they are tied), and the root; with expert parallelism each layer prefetches the
     next (forward) or the previous (backward) explicitly, as torchtitan does. Gradients are summed
     over each unit's ranks and divided by the world size once: every rank's loss is the mean over
-    its share of the batch, and the experts' all-to-all already summed their gradients over `ep`."""
+    its share of the batch, and the experts' all-to-all already summed their gradients over `ep`.
+    With pipeline stages (pipeline.Stage) each stage is a root over the ranks of its stage, and
+    the model holds only what its stages need."""
     mp_policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 else None,
         reduce_dtype=torch.bfloat16 if bf16 and config.reduce_dtype == "bf16" else torch.float32,
@@ -39,7 +43,7 @@ def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, b
             shard_placement_fn=placement,
         )
         for module in modules if isinstance(modules, list) else [modules]:
-            module.set_gradient_divide_factor(float(topology.world_size))
+            module.set_gradient_divide_factor(float(topology.dp_size))
             # gloo has no PREMUL_SUM: sum, then divide once. Not where the shard group is one rank:
             # there FSDP (torch 2.13) divides its copy of the gradient and then again after.
             if topology.device.type != "cuda" and mesh[shard_axis].size() > 1:
@@ -52,25 +56,32 @@ def apply_fsdp(model: Transformer, config: ParallelConfig, topology: Topology, b
         if topology.dense_mesh["dp_replicate"].size() > 1
         else topology.dense_mesh["dp_shard"]
     )
-    for unit in (*model.layers, *model.mtp):
+    for unit in (*model.layers.values(), *model.mtp):
         block = getattr(unit, "block", unit)  # an MTP depth's block
         if block.is_moe:
             edp = topology.expert_mesh["edp"]
             placement = Shard(expert_shard_dim(block.ffn.experts.num_experts // topology.ep, edp.size()))
             shard(block.ffn.experts, edp, "edp", lambda param, placement=placement: placement)
         shard(unit, dense, "dp_shard")
-    ends = [model.norm, model.output]
-    if model.config.tie_embeddings:  # one weight: one unit
-        shard([model.tok_embeddings, *ends], dense, "dp_shard")
+    embedding = [model.tok_embeddings] if model.tok_embeddings is not None else []
+    ends = [model.norm, model.output] if model.output is not None else []
+    if model.config.tie_embeddings and embedding and ends:  # one weight: one unit
+        shard([*embedding, *ends], dense, "dp_shard")
     else:
-        shard(model.tok_embeddings, dense, "dp_shard")
-        shard(ends, dense, "dp_shard")
-    shard(model, dense, "dp_shard")
+        for unit in (embedding, ends):
+            if unit:
+                shard(unit, dense, "dp_shard")
+    roots = stages or [model]
+    for root in roots:
+        shard(root, dense, "dp_shard")
     if topology.ep > 1:  # the exchange's host sync would stall FSDP's implicit prefetching
-        layers = list(model.layers)
-        for layer, after in zip(layers, layers[1:]):
-            layer.set_modules_to_forward_prefetch([after])
-            after.set_modules_to_backward_prefetch([layer])
+        for root in roots:
+            layers = list(
+                root.layers.values() if isinstance(root.layers, torch.nn.ModuleDict) else root.layers
+            )
+            for layer, after in zip(layers, layers[1:]):
+                layer.set_modules_to_forward_prefetch([after])
+                after.set_modules_to_backward_prefetch([layer])
 
 
 def expert_shard_dim(local_experts: int, edp: int) -> int:
@@ -80,12 +91,15 @@ def expert_shard_dim(local_experts: int, edp: int) -> int:
     return 0 if local_experts % edp == 0 else 1
 
 
-def dense_and_expert_params(model: torch.nn.Module) -> dict[bool, list[torch.nn.Parameter]]:
+def dense_and_expert_params(
+    model: torch.nn.Module, skip: torch.nn.Parameter | None = None
+) -> dict[bool, list[torch.nn.Parameter]]:
     """The trainable parameters by kind ({False: dense, True: expert}): they live on different
-    meshes, so their norms are reduced apart (once, at engine set-up)."""
+    meshes, so their norms are reduced apart (once, at engine set-up). `skip`: a copy of another
+    pipeline stage's parameter, counted there."""
     groups: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and p is not skip:
             groups[is_expert_param(name)].append(p)
     return groups
 
@@ -111,6 +125,8 @@ def clip_grad_norm_(
             if group is not None and dist.get_world_size(group) > 1:
                 topology.all_reduce(sq, group=group, what="gradient norm")
         total_sq += sq
+    if topology.pp_group is not None:  # each stage holds other parameters
+        topology.all_reduce(total_sq, group=topology.pp_group, what="gradient norm")
     total = total_sq.sqrt()
     if max_norm > 0:
         for params in groups.values():

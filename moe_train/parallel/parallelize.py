@@ -12,32 +12,48 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
-from moe_train.config import Config, TrainerConfig
+from moe_train.config import Config
 from moe_train.model import Transformer
+from moe_train.model.documents import DocumentPacking
 from moe_train.model.moe import is_expert_param
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.fsdp import apply_fsdp, local_tensor
+from moe_train.parallel.pipeline import ZERO_BUBBLE_SCHEDULES, Stage, build_stages
 from moe_train.parallel.topology import Topology
 
 
-def parallelize(model: Transformer, config: Config, topology: Topology, bf16: bool) -> None:
-    """In place; state-dict keys unchanged. Compile comes before checkpointing: on one device a
-    block compiles whole, but with expert parallelism its dispatch and combine stay eager (the
-    exchange's sizes are read on the host), and a graph break inside a checkpointed region would
-    make the whole block fall back to eager, so the checkpoint wraps the compiled block. FSDP
-    shards the native engine's model on several processes (DeepSpeed shards its own way)."""
+def parallelize(
+    model: Transformer,
+    config: Config,
+    topology: Topology,
+    bf16: bool,
+    documents: DocumentPacking | None = None,
+) -> list[Stage]:
+    """In place; state-dict keys unchanged. With pipeline parallelism the model first keeps only
+    its rank's stages (returned, one module each; none without). Compile comes before
+    checkpointing: on one device a block compiles whole, but with expert parallelism its dispatch
+    and combine stay eager (the exchange's sizes are read on the host), and a graph break inside a
+    checkpointed region would make the whole block fall back to eager, so the checkpoint wraps the
+    compiled block. FSDP shards the native engine's model over each stage's ranks (DeepSpeed
+    shards its own way)."""
+    stages = build_stages(model, config, topology, documents) if topology.pp > 1 else []
     apply_expert_parallel(model, topology)
-    if compile_wanted(config.trainer, topology.device):
+    if compile_wanted(config, topology.device):
         apply_compile(model, fullgraph=topology.ep == 1)
     if config.trainer.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if topology.distributed and config.engine.name == "native":
-        apply_fsdp(model, config.parallel, topology, bf16)
+    if topology.data_parallel and config.engine.name == "native":
+        apply_fsdp(model, config.parallel, topology, bf16, stages)
+    return stages
 
 
-def compile_wanted(trainer: TrainerConfig, device: torch.device) -> bool:
-    """trainer.compile, null meaning on a GPU only."""
-    return device.type == "cuda" if trainer.compile is None else trainer.compile
+def compile_wanted(config: Config, device: torch.device) -> bool:
+    """trainer.compile, null meaning on a GPU only, and not with the zero-bubble pipeline schedules
+    (their split backward cannot run a compiled block's)."""
+    if config.trainer.compile is not None:
+        return config.trainer.compile
+    p = config.parallel
+    return device.type == "cuda" and not (p.pp > 1 and p.pp_schedule in ZERO_BUBBLE_SCHEDULES)
 
 
 def apply_compile(model: Transformer, fullgraph: bool) -> None:
@@ -50,7 +66,7 @@ def apply_compile(model: Transformer, fullgraph: bool) -> None:
 def apply_activation_checkpointing(model: Transformer) -> None:
     """Recompute each layer's (and each multi-token prediction depth's) activations in backward
     instead of keeping them (non-reentrant torch.utils.checkpoint), in training only."""
-    for unit in (*model.layers, *model.mtp):
+    for unit in (*model.layers.values(), *model.mtp):
         unit.forward = _checkpointed(unit, unit.forward)
 
 

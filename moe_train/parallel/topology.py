@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from moe_train.config import ConfigError, ParallelConfig
+from moe_train.config.training import V_SCHEDULES
 
 
 class CollectiveFailed(RuntimeError):
@@ -79,18 +80,39 @@ def default_group_timeout(timeout: timedelta) -> Iterator[None]:
 
 
 def check_layout(config: ParallelConfig, world_size: int) -> None:
-    """The degrees must divide the world: one line naming the value and what is allowed."""
-    allowed = ", ".join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)
-    if world_size % config.ep:
+    """The degrees must divide the world (ep and dp_shard the ranks of one pipeline stage): one
+    line naming the value and what is allowed."""
+
+    def allowed(n: int) -> str:
+        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+    if world_size % config.pp:
         raise ConfigError(
-            f"parallel.ep={config.ep} must divide the world size {world_size} "
-            f"(world = expert-data-parallel x ep); allowed ep values: {allowed}"
+            f"parallel.pp={config.pp} must divide the world size {world_size} "
+            f"(world = pp x the ranks of a stage); allowed pp values: {allowed(world_size)}"
         )
-    if config.dp_shard != -1 and world_size % config.dp_shard:
+    stage_ranks = world_size // config.pp
+    within = (
+        f"the {stage_ranks} ranks of a pipeline stage" if config.pp > 1 else f"the world size {world_size}"
+    )
+    if stage_ranks % config.ep:
         raise ConfigError(
-            f"parallel.dp_shard={config.dp_shard} must divide the world size {world_size} "
-            f"(world = replicas x dp_shard); allowed: -1 (all), {allowed}"
+            f"parallel.ep={config.ep} must divide {within} "
+            f"(= expert-data-parallel x ep); allowed ep values: {allowed(stage_ranks)}"
         )
+    if config.dp_shard != -1 and stage_ranks % config.dp_shard:
+        raise ConfigError(
+            f"parallel.dp_shard={config.dp_shard} must divide {within} "
+            f"(= replicas x dp_shard); allowed: -1 (all), {allowed(stage_ranks)}"
+        )
+
+
+def stage_ids(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
+    """The pipeline stages a rank runs: one; or looped (rank r: r, r + pp, ...); or in a V for the
+    schedules built for it (rank r: r and 2 pp - 1 - r), as torch's schedules place them."""
+    if schedule in V_SCHEDULES:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + s * pp for s in range(stages_per_rank)]
 
 
 @dataclass
@@ -99,7 +121,11 @@ class Topology:
     same ranks: `expert_mesh` (ep, edp), where `ep` splits each MoE layer's experts (ranks i*ep ..
     i*ep+ep-1, on one node when ep <= GPUs per node) and `edp` (expert data parallel) joins the
     ranks that hold the same experts; `dense_mesh` (dp_replicate, dp_shard), where `dp_shard`
-    consecutive ranks share one copy of the dense weights and `dp_replicate` such copies exist."""
+    consecutive ranks share one copy of the dense weights and `dp_replicate` such copies exist.
+    With pipeline parallelism (`pp` > 1) the world is (pp, dp): stage rank r holds ranks r*dp ..
+    r*dp+dp-1, each of them data parallel and the two meshes over those ranks; `pp_group` joins
+    the ranks with the same data-parallel rank across the stages, and `embedding_group` the
+    first and last stage's (the embedding is on both when the last needs it: MTP, a tied head)."""
 
     world_size: int
     rank: int
@@ -107,8 +133,12 @@ class Topology:
     ep: int
     device: torch.device
     expert_mesh: DeviceMesh | None = None  # (ep, edp); None for a single process
-    dense_mesh: DeviceMesh | None = None  # (dp_replicate, dp_shard); None for a single process
+    dense_mesh: DeviceMesh | None = None  # (dp_replicate, dp_shard); None for one rank per stage
     timeout: timedelta = timedelta(minutes=5)  # of every collective (parallel.timeout_minutes)
+    pp: int = 1
+    stages: tuple[int, ...] = (0,)  # the pipeline stages this rank runs
+    pp_group: dist.ProcessGroup | None = None
+    embedding_group: dist.ProcessGroup | None = None
     _background_group: dist.ProcessGroup | None = None
 
     @classmethod
@@ -116,10 +146,15 @@ class Topology:
         """Reads torchrun's environment, checks the layout, starts the process group and mesh."""
         world_size, rank, local_rank = launcher_env()
         check_layout(config, world_size)
-        dp_shard = world_size if config.dp_shard == -1 else config.dp_shard
+        dp = world_size // config.pp
+        dp_shard = dp if config.dp_shard == -1 else config.dp_shard
         device = pick_device(device_kind, local_rank)
         timeout = timedelta(minutes=config.timeout_minutes)
-        topology = cls(world_size, rank, local_rank, config.ep, device, timeout=timeout)
+        topology = cls(world_size, rank, local_rank, config.ep, device, timeout=timeout, pp=config.pp)
+        if config.pp > 1:
+            topology.stages = tuple(
+                stage_ids(rank // dp, config.pp, config.pp_stages_per_rank, config.pp_schedule)
+            )
         if world_size > 1:
             backend = "nccl" if device.type == "cuda" else "gloo"
             if not dist.is_initialized():
@@ -130,17 +165,30 @@ class Topology:
                     timeout=timeout,
                     device_id=device if device.type == "cuda" else None,
                 )
-            ranks = torch.arange(world_size)
-            experts = ranks.view(-1, config.ep).T.contiguous()  # (ep, edp): a column is an ep group
-            groups = [_subgroups(experts.T, timeout), _subgroups(experts, timeout)]
-            topology.expert_mesh = DeviceMesh.from_group(
-                groups, device.type, experts, mesh_dim_names=("ep", "edp")
-            )
-            dense = ranks.view(-1, dp_shard)  # (dp_replicate, dp_shard)
-            groups = [_subgroups(dense.T, timeout), _subgroups(dense, timeout)]
-            topology.dense_mesh = DeviceMesh.from_group(
-                groups, device.type, dense, mesh_dim_names=("dp_replicate", "dp_shard")
-            )
+            stages = torch.arange(world_size).view(config.pp, dp)  # a row: one stage's ranks
+            mine = stages[rank // dp]
+            if config.pp > 1:
+                topology.pp_group = _subgroups(stages.T, timeout)
+                ends = stages[[0, -1]].T  # (dp, 2): the first and last stage's ranks
+                topology.embedding_group = _subgroups(ends, timeout)
+            if dp > 1:
+                # (ep, edp) per stage: a column is an ep group; every rank makes every stage's groups
+                experts = stages.view(config.pp, -1, config.ep).transpose(1, 2)
+                groups = [
+                    _subgroups(experts.transpose(1, 2).flatten(0, 1), timeout),
+                    _subgroups(experts.flatten(0, 1), timeout),
+                ]
+                topology.expert_mesh = DeviceMesh.from_group(
+                    groups, device.type, mine.view(-1, config.ep).T.contiguous(), mesh_dim_names=("ep", "edp")
+                )
+                dense = stages.view(config.pp, -1, dp_shard)  # (pp, dp_replicate, dp_shard)
+                groups = [
+                    _subgroups(dense.transpose(1, 2).flatten(0, 1), timeout),
+                    _subgroups(dense.flatten(0, 1), timeout),
+                ]
+                topology.dense_mesh = DeviceMesh.from_group(
+                    groups, device.type, mine.view(-1, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
+                )
         return topology
 
     @property
@@ -150,6 +198,25 @@ class Topology:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def dp_size(self) -> int:
+        """The data-parallel ranks: the world, or one pipeline stage's ranks."""
+        return self.world_size // self.pp
+
+    @property
+    def dp_rank(self) -> int:
+        """Which share of each batch this rank reads: the same on every stage of a pipeline."""
+        return self.rank % self.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.dp_size
+
+    @property
+    def data_parallel(self) -> bool:
+        """Several ranks per stage: FSDP shards and reduces over them."""
+        return self.dp_size > 1
 
     @property
     def ep_rank(self) -> int:

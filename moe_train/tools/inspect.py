@@ -36,7 +36,7 @@ def inspect_config(config: Config) -> dict:
         "seq_len": config.data.seq_len,
         "vocab_size": config.model.vocab_size,
         "num_layers": config.model.num_layers,
-        "moe_layers": sum(block.is_moe for block in model.layers),
+        "moe_layers": sum(block.is_moe for block in model.layers.values()),
         "mtp_layers": config.model.mtp.num_layers,
         "num_experts": moe.num_experts,
         "top_k": moe.top_k if moe.num_experts else 0,

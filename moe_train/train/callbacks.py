@@ -20,6 +20,7 @@ from moe_train.model import Transformer
 from moe_train.model.documents import DocumentPacking
 from moe_train.model.generate import generate
 from moe_train.model.moe import dropless
+from moe_train.parallel.pipeline import Pipeline
 from moe_train.parallel.topology import Topology
 from moe_train.train.checkpoint import Checkpointer, Progress
 from moe_train.train.engine import Engine
@@ -34,7 +35,8 @@ class Trainer(Protocol):
     config: Config
     topology: Topology
     device: torch.device
-    model: Transformer
+    model: Transformer  # with pipeline stages: this rank's part of it
+    pipeline: Pipeline | None
     tokenizer: ByteTokenizer | HFTokenizer
     documents: DocumentPacking
     engine: Engine
@@ -192,7 +194,8 @@ class EarlyExit(Callback):
 
 class PrintSamples(Callback):
     """At the end of a finished run, a few samples show what the model learned. Every rank
-    generates (expert-parallel layers need every rank in each forward); rank 0 prints."""
+    generates (expert-parallel layers need every rank in each forward, pipeline stages each
+    other); rank 0 prints."""
 
     def on_fit_end(self, trainer):
         t = trainer.config.trainer
@@ -201,12 +204,13 @@ class PrintSamples(Callback):
         tokenizer = trainer.tokenizer
         generator = torch.Generator().manual_seed(t.seed)
         trainer.model.eval()
+        model = trainer.model if trainer.pipeline is None else trainer.pipeline.generation_view()
         for i in range(t.num_samples):
             prompt_text = SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]
             prompt = torch.tensor([tokenizer.encode(prompt_text)], device=trainer.device)
             with trainer.autocast(), dropless(trainer.model):  # as generate and an export route
                 tokens = generate(
-                    trainer.model, prompt, t.sample_tokens, generator=generator, documents=trainer.documents
+                    model, prompt, t.sample_tokens, generator=generator, documents=trainer.documents
                 )
             if trainer.topology.is_main:
                 print(f"\n----- sample {i + 1} -----\n{tokenizer.decode(tokens[0].tolist())}", flush=True)

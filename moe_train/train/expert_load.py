@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 from moe_train.config import MoEConfig
-from moe_train.model import ModelOutput, Transformer
+from moe_train.model import Transformer
 from moe_train.model.moe import moe_layers
+from moe_train.model.transformer import moe_block_ids
 from moe_train.parallel.topology import Topology
 
 
@@ -16,8 +17,11 @@ class ExpertLoad:
     """Shape legend: L MoE layers (MTP depths' last), E experts."""
 
     def __init__(self, model: Transformer, config: MoEConfig, topology: Topology):
-        self.routers = [layer.router for layer in moe_layers(model)]  # in the order of the counts
-        self.layer_ids = model.moe_layer_ids
+        self.routers = [
+            layer.router for layer in moe_layers(model)
+        ]  # this rank's, in the order of the counts
+        self.layer_ids = moe_block_ids(model.config)  # the whole model's (L): a pipeline stage holds some
+        self.rows = [self.layer_ids.index(i) for i in model.moe_layer_ids]  # this rank's among them
         self.config = config
         self.topology = topology
         self.reset()
@@ -28,11 +32,19 @@ class ExpertLoad:
         self.dropped: torch.Tensor | None = None  # (L,)
         self._reduced = False
 
-    def add(self, out: ModelOutput) -> None:
-        """One micro-batch's counts (a dense model has none)."""
-        if out.tokens_per_expert is None:
+    def add(self, tokens_per_expert: torch.Tensor | None, dropped: torch.Tensor | None) -> None:
+        """Counts of this rank's MoE blocks (l, E) and drops (l,), of one micro-batch or summed
+        over several (a dense model, or stage, has none)."""
+        if tokens_per_expert is None:
             return
-        counts, drops = out.tokens_per_expert.float(), out.dropped.to(self.topology.device)
+        counts, drops = tokens_per_expert.float(), dropped.float().to(self.topology.device)
+        if len(self.rows) < len(self.layer_ids):  # a pipeline stage: the other stages' rows are 0
+            counts = counts.new_zeros(len(self.layer_ids), counts.shape[1]).index_copy_(
+                0, torch.tensor(self.rows, device=counts.device), counts
+            )
+            drops = drops.new_zeros(len(self.layer_ids)).index_copy_(
+                0, torch.tensor(self.rows, device=drops.device), drops
+            )
         self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
         self.dropped = drops if self.dropped is None else self.dropped + drops
 
@@ -48,7 +60,7 @@ class ExpertLoad:
         registered as an engine step-pre hook, so it happens once per optimizer step."""
         self._reduce()
         if self.tokens_per_expert is not None:
-            for router, counts in zip(self.routers, self.tokens_per_expert):
+            for router, counts in zip(self.routers, self.tokens_per_expert[self.rows]):
                 router.update_bias(counts, self.config.bias_update_rate)
 
     def metrics(self) -> dict:

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.nn.utils import clip_grads_with_norm_
 
 from moe_train.config import Config
 from moe_train.parallel.fsdp import clip_grad_norm_, dense_and_expert_params
+from moe_train.parallel.pipeline import embedding_copy, sync_embedding_grads
 from moe_train.parallel.topology import Topology
 from moe_train.train.checkpoint import dcp_load, dcp_save
 from moe_train.train.engine import Engine, tensor_bytes
@@ -28,8 +30,10 @@ class NativeEngine(Engine):
         self.topology = topology
         self.micro_batches = micro_batches
         self.grad_clip = config.optim.grad_clip
+        self.config = config
         self.optimizer = build_optimizer(model, config.optim, topology.device)
-        self.params = dense_and_expert_params(model)
+        self.embedding_copy = embedding_copy(model, topology)  # a pipeline's last stage's
+        self.params = dense_and_expert_params(model, skip=self.embedding_copy)
         self._pre_step_hooks: list[Callable[[], None]] = []
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -40,7 +44,12 @@ class NativeEngine(Engine):
 
     def step(self, lr: float) -> float:
         """A norm that is not finite leaves the weights and Adam's moments as they were."""
-        norm = clip_grad_norm_(self.params, self.grad_clip, self.topology).item()
+        if self.topology.pp > 1:
+            sync_embedding_grads(self.model, self.config, self.topology)
+        norm_tensor = clip_grad_norm_(self.params, self.grad_clip, self.topology)
+        if self.embedding_copy is not None and self.grad_clip > 0:  # counted on the first stage
+            clip_grads_with_norm_([self.embedding_copy], self.grad_clip, norm_tensor)
+        norm = norm_tensor.item()
         if math.isfinite(norm):
             for hook in self._pre_step_hooks:
                 hook()

@@ -18,6 +18,7 @@ from moe_train.data import build_datasets
 from moe_train.model import Transformer, lm_loss, model_size
 from moe_train.model.documents import document_packing
 from moe_train.parallel.parallelize import materialize, parallelize
+from moe_train.parallel.pipeline import Pipeline, check_micro_batches
 from moe_train.parallel.topology import Topology
 from moe_train.train.callbacks import Callback, default_callbacks
 from moe_train.train.checkpoint import Checkpointer, CheckpointMismatch, Progress, load_weights
@@ -82,10 +83,11 @@ class Trainer:
     `trainer.config`) and trains it."""
 
     def __init__(self, config: Config, topology: Topology):
-        config = dataclasses.replace(config, trainer=batch_layout(config.trainer, topology.world_size))
+        config = dataclasses.replace(config, trainer=batch_layout(config.trainer, topology.dp_size))
         self.topology = topology
         t = config.trainer
-        self.micro_batches_per_step = t.global_batch_size // (t.micro_batch_size * topology.world_size)
+        self.micro_batches_per_step = t.global_batch_size // (t.micro_batch_size * topology.dp_size)
+        check_micro_batches(config.parallel, self.micro_batches_per_step)
         self.device = topology.device
         precision = (
             t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
@@ -104,9 +106,10 @@ class Trainer:
         with torch.device("meta"):  # each rank allocates and initialises only its own shards
             self.model = Transformer(config.model)
         self.size = model_size(self.model, config.data.seq_len)
-        parallelize(self.model, config, topology, bf16)
+        stages = parallelize(self.model, config, topology, bf16, self.documents)
         materialize(self.model, t.seed, topology)
         self.engine = build_engine(self.model, config, topology, self.micro_batches_per_step, bf16)
+        self.pipeline = Pipeline(stages, config, topology, self.micro_batches_per_step) if stages else None
         self.expert_load = ExpertLoad(self.model, config.model.moe, topology)
         if config.model.moe.bias_update_rate:
             self.engine.register_step_pre_hook(self.expert_load.update_routing_bias)
@@ -211,29 +214,27 @@ class Trainer:
         """One optimizer step over this rank's share of the global batch; global metrics."""
         start_time = time.perf_counter()
         t, moe, topo = self.config.trainer, self.config.model.moe, self.topology
-        per_rank = t.global_batch_size // topo.world_size
-        first = self.progress.consumed_samples + topo.rank * per_rank
+        per_rank = t.global_batch_size // topo.dp_size
+        first = self.progress.consumed_samples + topo.dp_rank * per_rank  # every stage reads it
         batch = self.train_data.samples(first, per_rank)  # (per_rank, T + 1)
         data_time = time.perf_counter() - start_time
 
         self.model.train()
-        losses = torch.zeros(5, device=self.device)  # lm, aux, device aux, z, mtp summed over micro-batches
         self.expert_load.reset()
-        for micro in batch.split(t.micro_batch_size):
-            micro = micro.to(self.device, non_blocking=True)
-            inputs, targets = micro[:, :-1], micro[:, 1:]
-            documents = self.documents(inputs, targets)
-            with self.autocast():
-                out = self.model(inputs, targets=targets, documents=documents)
-                lm = lm_loss(out.logits, targets, documents.loss_mask())
-            other_losses = (out.aux_loss, out.device_aux_loss, out.z_loss, out.mtp_loss)
-            self.engine.backward(self._objective(lm, *other_losses))
-            losses += torch.stack([lm, *other_losses]).detach()
-            self.expert_load.add(out)
+        if self.pipeline is None:
+            losses = self._forward_backward(batch)
+        else:
+            batch = batch.to(self.device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            counted = self.documents(inputs, targets).loss_mask()
+            losses, counts = self.pipeline.train_step(inputs, targets, counted, self.autocast)
+            if counts:
+                self.expert_load.add(torch.stack([c for c, _ in counts]), torch.stack([d for _, d in counts]))
 
         lr = lr_at(self.progress.step, self.config.optim, t.max_steps)
         grad_norm = self.engine.step(lr)
-        losses = topo.all_reduce(losses / self.micro_batches_per_step) / topo.world_size
+        # each rank's sums over its micro-batches (and with pipeline stages, over its layers)
+        losses = topo.all_reduce(losses / self.micro_batches_per_step) / topo.dp_size
         lm, aux, device_aux, z, mtp = losses.tolist()
         self._stop_if_diverged(grad_norm, lm, aux, device_aux, z, mtp)
         self.progress.step += 1
@@ -264,6 +265,23 @@ class Trainer:
         if self.peak_flops:
             metrics["mfu"] = self.size.flops_per_token * tokens_per_sec / (self.peak_flops * topo.world_size)
         return metrics
+
+    def _forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Each micro-batch forward and backward on this rank; (lm, aux, device aux, z, mtp)
+        summed over them."""
+        losses = torch.zeros(5, device=self.device)
+        for micro in batch.split(self.config.trainer.micro_batch_size):
+            micro = micro.to(self.device, non_blocking=True)
+            inputs, targets = micro[:, :-1], micro[:, 1:]
+            documents = self.documents(inputs, targets)
+            with self.autocast():
+                out = self.model(inputs, targets=targets, documents=documents)
+                lm = lm_loss(out.logits, targets, documents.loss_mask())
+            other_losses = (out.aux_loss, out.device_aux_loss, out.z_loss, out.mtp_loss)
+            self.engine.backward(self._objective(lm, *other_losses))
+            losses += torch.stack([lm, *other_losses]).detach()
+            self.expert_load.add(out.tokens_per_expert, out.dropped)
+        return losses
 
     def _stop_if_diverged(self, grad_norm: float, *losses: float) -> None:
         """Every rank sees the same global norm and reduced losses, so all stop together, before
@@ -317,18 +335,23 @@ class Trainer:
         """Mean next-token loss over the validation samples (eval_batches global batches, the same at
         every evaluation and layout, each rank taking its share as in training), per token and per byte."""
         t, topo = self.config.trainer, self.topology
-        per_rank = t.global_batch_size // topo.world_size
+        per_rank = t.global_batch_size // topo.dp_size
         sequences = self.val_data.samples(0, self._num_val_samples)
-        mine = sequences.view(t.eval_batches, topo.world_size, per_rank, -1)[:, topo.rank].flatten(0, 1)
+        mine = sequences.view(t.eval_batches, topo.dp_size, per_rank, -1)[:, topo.dp_rank]
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        for micro in mine.split(t.micro_batch_size):
-            micro = micro.to(self.device)
-            inputs = micro[:, :-1]  # every prediction counts, whatever data.eod_mask_loss says
-            with self.autocast():
-                total += lm_loss(self.model(inputs, documents=self.documents(inputs)).logits, micro[:, 1:])
+        for batch in mine.to(self.device):  # every prediction counts, whatever data.eod_mask_loss says
+            if self.pipeline is not None:  # the LM loss on the last stage, 0 on the others
+                total += self.pipeline.eval_losses(batch[:, :-1], batch[:, 1:], self.autocast)
+                continue
+            for micro in batch.split(t.micro_batch_size):
+                inputs = micro[:, :-1]
+                with self.autocast():
+                    total += lm_loss(
+                        self.model(inputs, documents=self.documents(inputs)).logits, micro[:, 1:]
+                    )
         self.model.train()
-        num_micro_batches = t.eval_batches * self.micro_batches_per_step * topo.world_size
+        num_micro_batches = t.eval_batches * self.micro_batches_per_step * topo.dp_size
         loss = (topo.all_reduce(total) / num_micro_batches).item()
         return {"val_loss": loss, "val_loss_per_byte": loss / self.val_bytes_per_token}
 

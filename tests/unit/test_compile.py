@@ -33,7 +33,7 @@ def block_of(kind: dict) -> tuple[Block, Transformer]:
     )
     model = Transformer(config)
     model.init_weights(seed=0)
-    block = model.layers[1]
+    block = model.layers["1"]
     assert block.is_moe
     return block, model
 

@@ -174,7 +174,7 @@ def test_a_block_with_the_mask_compiles_whole_and_matches_eager(name):
         gqa_config() if name == "gqa" else mla_config(), moe=MoEConfig(first_k_dense=2)
     )
     model = Transformer(config)
-    block = model.layers[0]
+    block = model.layers["0"]
     inputs, targets, _ = batch()
     docs = DocumentPacking(EOS, reset_positions=True)(inputs, targets)
     cos, sin = (table[docs.positions].unsqueeze(1) for table in (model.rope_cos, model.rope_sin))

@@ -360,7 +360,7 @@ def mtp_reference_loss(model: Transformer, sequence: torch.Tensor) -> torch.Tens
             n = i + 1  # positions 0..i
             cos, sin = model.rope_cos[:n], model.rope_sin[:n]
             x = model.tok_embeddings(sequence[:, :n])
-            for block in model.layers:
+            for block in model.layers.values():
                 x, _ = block(x, cos, sin)
             hidden = model.norm(x)
             for d in range(1, k + 1):

@@ -104,6 +104,6 @@ def test_a_rank_starts_with_its_shards_and_one_tensor_at_a_time(monkeypatch):
     whole = Transformer(config.model)  # one process: every parameter whole
     assert held == native_bytes(ModelShapes(config), Layout(4, 2, 4), bf16=False).weights
     assert held < tensor_bytes(whole.parameters()) / 3
-    experts = whole.layers[0].ffn.experts.w13  # (8, 192, 768): one expert outweighs any dense tensor
+    experts = whole.layers["0"].ffn.experts.w13  # (8, 192, 768): one expert outweighs any dense tensor
     largest_dense = max(p.numel() for n, p in whole.named_parameters() if "experts" not in n)
     assert max(drawn) == max(largest_dense, experts[0].numel()) < experts.numel()
