@@ -119,11 +119,14 @@ class Stage(nn.Module):
         layer_ids: range,
         config: Config,
         documents: DocumentPacking | None,
+        embeds_for_last: bool = False,
     ):
         super().__init__()
         self.index, self.is_first, self.is_last = index, index == 0, index == num_stages - 1
         self.layers = nn.ModuleList(model.layers[str(i)] for i in layer_ids)
-        self.tok_embeddings = model.tok_embeddings if self.is_first else None
+        # the last stage's embedding (MTP, a tied head) is its own unless the first stage runs on
+        # this rank too: a parameter of two stages would have its gradient scaled twice
+        self.tok_embeddings = model.tok_embeddings if self.is_first or embeds_for_last else None
         if self.is_last:
             self.norm, self.output, self.mtp = model.norm, model.output, model.mtp
         self._model = [model]  # for its rotary tables and head (not a submodule: no second name)
@@ -169,7 +172,11 @@ def build_stages(
     num_stages = p.pp * p.pp_stages_per_rank
     layers = split_layers(config.model.num_layers, num_stages, p.pp_layers)
     prune_to_stages(model, list(topology.stages), num_stages, layers)
-    return [Stage(model, s, num_stages, layers[s], config, documents) for s in sorted(topology.stages)]
+    embeds_for_last = model.tok_embeddings is not None and 0 not in topology.stages
+    return [
+        Stage(model, s, num_stages, layers[s], config, documents, embeds_for_last and s == num_stages - 1)
+        for s in sorted(topology.stages)
+    ]
 
 
 class Pipeline:

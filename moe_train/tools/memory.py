@@ -50,7 +50,9 @@ class Layout:
     def check(self, num_experts: int, num_layers: int = 0, stages_per_rank: int = 1) -> None:
         """One line naming the value that cannot be, and what is allowed."""
         if self.gpus % self.pp:
-            raise ConfigError(f"parallel.pp={self.pp} must divide the {self.gpus} GPUs ({_divisors(self.gpus)})")
+            raise ConfigError(
+                f"parallel.pp={self.pp} must divide the {self.gpus} GPUs ({_divisors(self.gpus)})"
+            )
         if num_layers and self.pp * stages_per_rank > num_layers:
             raise ConfigError(
                 f"parallel.pp={self.pp} x parallel.pp_stages_per_rank={stages_per_rank} stages is more "
@@ -103,7 +105,7 @@ class RankShapes:
     shapes: Counter = field(default_factory=Counter)  # (shape, expert) -> parameters of that shape
     units: Counter = field(default_factory=Counter)  # FSDP unit -> elements (experts: all E)
     expert_units: Counter = field(default_factory=Counter)  # FSDP unit -> its routed experts' elements
-    cast: int = 0  # elements autocast copies to bf16 for the matmuls (without FSDP)
+    cast: int = 0  # elements autocast caches bf16 copies of (without FSDP): dense matmul weights
 
     @property
     def first(self) -> bool:
@@ -159,7 +161,8 @@ class ModelShapes:
         ranks = []
         for r in range(pp):
             ids = stage_ids(r, pp, p.pp_stages_per_rank, p.pp_schedule) if pp > 1 else [0]
-            rank = RankShapes([([*layers[s], *(mtp_ids if s == n - 1 else [])], s == 0, s == n - 1) for s in ids])
+            blocks = [[*layers[s], *(mtp_ids if s == n - 1 else [])] for s in ids]
+            rank = RankShapes([(b, s == 0, s == n - 1) for b, s in zip(blocks, ids)])
             held = {i for s in ids for i in layers[s]}
             for name, shape, expert, unit in self.params:
                 part = name.split(".")[0]
@@ -172,7 +175,7 @@ class ModelShapes:
                 if keep:
                     rank.shapes[(shape, expert)] += 1
                     (rank.expert_units if expert else rank.units)[unit] += math.prod(shape)
-                    if len(shape) > 1 and (part != "tok_embeddings" or m.tie_embeddings):
+                    if len(shape) > 1 and not expert and (part != "tok_embeddings" or m.tie_embeddings):
                         rank.cast += math.prod(shape)
             ranks.append(rank)
         self._pipelines[pp] = ranks
@@ -286,8 +289,9 @@ def rank_activations(shapes: ModelShapes, layout: Layout, r: int, itemsize: int)
 def native_ranks(shapes: ModelShapes, layout: Layout, bf16: bool) -> list[Bytes]:
     """engine=native (FSDP2), each pipeline rank's bytes: fp32 weights, gradients and moments
     sharded over its stage's GPUs (dense over dp_shard, experts over their edp ranks). Buffers,
-    one GPU per stage (no FSDP): in bf16, autocast's bf16 copies of the weights its matmuls use
-    (kept for the autocast region: a forward, or with pp the whole step); without pp, two gathered
+    one GPU per stage (no FSDP): in bf16, autocast's cached bf16 copies of the dense matmul
+    weights (kept for the autocast region: a forward, or with pp the whole step; the experts cast
+    their own, which activation checkpointing does not keep); without pp, two gathered
     units in flight (one prefetched) in the compute dtype and one unit's unsharded gradient in
     fp32 before its reduce-scatter; with pp, torch's PipelineStage runs each backward with
     set_reshard_after_backward(False) and set_requires_gradient_sync(False) and reduce-scatters once

@@ -19,58 +19,110 @@ from moe_train.config import Config, ConfigError
 from moe_train.data.loader import tokenizer_vocab_size
 from moe_train.model import Transformer
 from moe_train.model.moe import is_expert_param
+from moe_train.parallel.pipeline import check_micro_batches
 from moe_train.tools.cli import one_line_errors, tool_parser
 from moe_train.tools.hydra_config import compose_config
-from moe_train.tools.memory import GIB, Bytes, Layout, ModelShapes, native_bytes, zero_bytes
+from moe_train.tools.memory import (
+    GIB,
+    Bytes,
+    Layout,
+    ModelShapes,
+    heaviest_rank,
+    micro_batches,
+    native_bytes,
+    native_ranks,
+    zero_bytes,
+)
 from moe_train.train.engine import tensor_bytes
 
 EPILOG = """examples:
   python -m moe_train.tools.plan model=deepseek_v3 --gpus 256 data.seq_len=4096 \\
       trainer.micro_batch_size=1 trainer.activation_checkpointing=true parallel.ep=64
+  python -m moe_train.tools.plan model=deepseek_v3 --gpus 2048 parallel.pp=16 parallel.ep=64 \\
+      trainer.global_batch_size=15360 trainer.micro_batch_size=1 data.seq_len=4096
   python -m moe_train.tools.plan model=mixtral_8x7b --gpus 16 --dry-run --json plan.json
-Bytes are per GPU at the peak of a step; the layout of --gpus comes from parallel.ep and
-parallel.dp_shard (-1: all GPUs); the search tries powers of two up to --max-gpus."""
+Bytes are per GPU at the peak of a step (with pipeline stages, the heaviest pipeline rank's); the
+layout of --gpus comes from parallel.pp, parallel.ep and parallel.dp_shard (-1: all GPUs of a
+stage), the schedule from parallel.pp_schedule; the search tries powers of two up to --max-gpus."""
 
 ENGINES = {"native": native_bytes, "deepspeed": zero_bytes}
+GPUS_PER_NODE = 8
 
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(gpus: int, num_experts: int, engine: str) -> Iterator[Layout]:
-    """Every layout of `gpus`: ep dividing the GPUs and the experts; dp_shard (native only)."""
-    for ep in divisors(gpus) if num_experts else [1]:
-        if num_experts % max(ep, 1) == 0:
-            for dp_shard in divisors(gpus) if engine == "native" and gpus > 1 else [gpus]:
-                yield Layout(gpus, ep, dp_shard)
+def runs(config: Config, layout: Layout) -> bool:
+    """Whether training can run the layout's pipeline: at most one stage per layer, and the
+    micro-batches per step its schedule needs (pipeline.check_micro_batches)."""
+    p = config.parallel
+    if layout.pp == 1:
+        return True
+    if layout.pp * p.pp_stages_per_rank > config.model.num_layers:
+        return False
+    try:
+        check_micro_batches(dataclasses.replace(p, pp=layout.pp), micro_batches(config, layout))
+    except ConfigError:
+        return False
+    return True
+
+
+def layouts(gpus: int, config: Config, engine: str) -> Iterator[Layout]:
+    """Every layout of `gpus`: pp (native only) dividing the GPUs, that training can run (`runs`);
+    ep dividing a stage's GPUs and the experts; dp_shard (native only) dividing a stage's GPUs."""
+    num_experts = config.model.moe.num_experts
+    for pp in divisors(gpus) if engine == "native" else [1]:
+        n = gpus // pp
+        if not runs(config, Layout(gpus, 1, n, pp)):
+            continue
+        for ep in divisors(n) if num_experts else [1]:
+            if num_experts % ep == 0:
+                for dp_shard in divisors(n) if engine == "native" and n > 1 else [n]:
+                    yield Layout(gpus, ep, dp_shard, pp)
+
+
+def cross_node_gathers(layout: Layout, engine: str, num_experts: int) -> bool:
+    """Whether FSDP all-gathers weights from other nodes (of GPUS_PER_NODE GPUs) every
+    micro-batch: the dense weights' shard group (dp_shard consecutive GPUs) spans nodes, or the
+    experts' (their edp GPUs, ep apart: spread over all of a stage's GPUs) does. ZeRO-1/2 gathers
+    no weights in the step."""
+    if engine != "native":
+        return False
+    edp = layout.stage_gpus // layout.ep
+    experts_cross = num_experts > 0 and edp > 1 and layout.stage_gpus > GPUS_PER_NODE
+    return layout.dp_shard > GPUS_PER_NODE or experts_cross
 
 
 def fewest_gpus(shapes: ModelShapes, engine: str, bf16: bool, memory: int, max_gpus: int):
-    """The layout with the fewest GPUs (powers of two) that fits, the one with the most room among
-    those; None if none up to max_gpus fits."""
+    """The layout with the fewest GPUs (powers of two) that fits; among those, in order: no
+    FSDP all-gathers across nodes (`cross_node_gathers`: the heaviest traffic, once per unit and
+    micro-batch, which pipeline stages avoid by keeping a stage's GPUs on one node), the fewest
+    pipeline stages (each adds bubble, and torch's schedules keep a stage's weights gathered and
+    its gradients unsharded through the step), the most room, the smaller ep. The pipeline's
+    sends and the experts' all-to-all are not weighed. None if none up to max_gpus fits."""
+    config, experts = shapes.config, shapes.config.model.moe.num_experts
     gpus = 1
     while gpus <= max_gpus:
         fits = [
-            (b.total, layout, b)
-            for layout in layouts(gpus, shapes.config.model.moe.num_experts, engine)
+            (cross_node_gathers(layout, engine, experts), layout.pp, b.total, layout.ep, layout, b)
+            for layout in layouts(gpus, config, engine)
             if (b := ENGINES[engine](shapes, layout, bf16)).total <= memory
         ]
         if fits:
-            _, layout, found = min(fits, key=lambda f: (f[0], f[1].ep))
-            return layout, found
+            return min(fits, key=lambda f: f[:4])[4:]
         gpus *= 2
     return None
 
 
 @contextlib.contextmanager
-def fake_world(gpus: int) -> Iterator[None]:
-    """Rank 0 of a world of `gpus` processes that exchange nothing (torch's fake process group)."""
+def fake_world(gpus: int, rank: int = 0) -> Iterator[None]:
+    """Rank `rank` of a world of `gpus` processes that exchange nothing (torch's fake process group)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    os.environ.update(WORLD_SIZE=str(gpus), RANK="0", LOCAL_RANK="0")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
+    os.environ.update(WORLD_SIZE=str(gpus), RANK=str(rank), LOCAL_RANK="0")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=gpus)
     try:
         yield
     finally:
@@ -82,20 +134,30 @@ def fake_world(gpus: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def dry_run(config: Config, layout: Layout, bf16: bool) -> dict:
-    """Rank 0's model as training builds it (meta device, expert parallelism, FSDP2) on a fake world
-    of layout.gpus, and Adam's state made by one optimizer step on it: the bytes of every tensor
+def layout_config(config: Config, layout: Layout) -> Config:
+    """config with the layout's degrees (parallel.pp_layers kept where it lists its stages)."""
+    p = config.parallel
+    stages = layout.pp * p.pp_stages_per_rank
+    pp_layers = p.pp_layers if layout.pp > 1 and len(p.pp_layers or []) == stages else None
+    parallel = dataclasses.replace(
+        p, ep=layout.ep, dp_shard=layout.dp_shard, pp=layout.pp, pp_layers=pp_layers
+    )
+    engine = dataclasses.replace(config.engine, name="native")
+    return dataclasses.replace(config, parallel=parallel, engine=engine)
+
+
+def dry_run(config: Config, layout: Layout, bf16: bool, pp_rank: int = 0) -> dict:
+    """The model of the first GPU of pipeline rank `pp_rank` (rank 0 without pp) as training
+    builds it (meta device, its stages kept, expert parallelism, FSDP2) on a fake world of
+    layout.gpus, and Adam's state made by one optimizer step on it: the bytes of every tensor
     it would hold, and the host memory its start-up needs (its shards, plus the largest tensor it
     initialises whole: one expert of a stacked tensor, any other tensor entire)."""
     from moe_train.parallel.parallelize import parallelize
     from moe_train.parallel.topology import Topology
 
-    parallel = dataclasses.replace(config.parallel, ep=layout.ep, dp_shard=layout.dp_shard)
-    config = dataclasses.replace(
-        config, parallel=parallel, engine=dataclasses.replace(config.engine, name="native")
-    )
-    with fake_world(layout.gpus):
-        topology = Topology.setup(parallel, "cpu")
+    config = layout_config(config, layout)
+    with fake_world(layout.gpus, pp_rank * layout.stage_gpus):
+        topology = Topology.setup(config.parallel, "cpu")
         with torch.device("meta"):
             model = Transformer(config.model)
         if topology.distributed:
@@ -113,6 +175,8 @@ def dry_run(config: Config, layout: Layout, bf16: bool) -> dict:
         )
     weights = sum(tensors.values())
     return {
+        "rank": pp_rank * layout.stage_gpus,
+        "pp_rank": pp_rank,
         "weights": weights,
         "gradients": weights,
         "optimizer": moments,
@@ -128,15 +192,27 @@ def gib(n: int) -> str:
 
 def print_table(rows: list[tuple[str, Layout, Bytes | None]], memory: int) -> None:
     kinds = ["weights", "master_weights", "gradients", "optimizer", "buffers", "activations", "total"]
-    header = ["engine / layout", "gpus", "ep", "dp_shard", *[f"{k} GiB" for k in kinds], "fits"]
+    header = ["engine / layout", "gpus", "pp", "ep", "dp_shard", *[f"{k} GiB" for k in kinds], "fits"]
     print("  ".join(header))
     for what, layout, b in rows:
         if b is None:
-            print(f"{what}: no layout fits")
+            print(f"{what}: no layout fits" if "fewest" in what else f"{what}: runs pp=1 only")
             continue
-        cells = [what, str(layout.gpus), str(layout.ep), str(layout.dp_shard)]
+        cells = [what, *(str(getattr(layout, k)) for k in ("gpus", "pp", "ep", "dp_shard"))]
         cells += [gib(getattr(b, k)) for k in kinds] + ["yes" if b.total <= memory else "no"]
         print("  ".join(cells))
+
+
+def asked_layout(config: Config, gpus: int) -> Layout:
+    """The layout of --gpus and parallel.*, checked: one line naming what cannot be."""
+    p, model = config.parallel, config.model
+    Layout(gpus, 1, 1, p.pp).check(0, model.num_layers, p.pp_stages_per_rank)  # pp first
+    stage_gpus = gpus // p.pp
+    layout = Layout(gpus, p.ep, stage_gpus if p.dp_shard == -1 else p.dp_shard, p.pp)
+    layout.check(model.moe.num_experts, model.num_layers, p.pp_stages_per_rank)
+    if p.pp > 1:
+        check_micro_batches(p, micro_batches(config, layout))
+    return layout
 
 
 def main(argv: list[str]) -> None:
@@ -144,7 +220,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--gpus", type=int, required=True, help="GPUs of the layout to count")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU (GB, 10^9)")
     parser.add_argument("--max-gpus", type=int, default=4096, help="the largest world the search tries")
-    parser.add_argument("--dry-run", action="store_true", help="build rank 0's shards on a fake world")
+    parser.add_argument("--dry-run", action="store_true", help="build the heaviest rank's shards, fake world")
     parser.add_argument("--json", type=Path, help="write everything printed as JSON here")
     args, overrides = parser.parse_known_args(argv)
     with one_line_errors():
@@ -165,19 +241,24 @@ def main(argv: list[str]) -> None:
 def plan(config: Config, gpus: int, memory: int, max_gpus: int, dry: bool) -> dict:
     bf16 = config.trainer.precision != "fp32"
     shapes = ModelShapes(config)
-    p = config.parallel
-    layout = Layout(gpus, p.ep, gpus if p.dp_shard == -1 else p.dp_shard)
-    layout.check(config.model.moe.num_experts)
-    asked = {engine: count(shapes, layout, bf16) for engine, count in ENGINES.items()}
+    layout = asked_layout(config, gpus)
+    engines = ENGINES if layout.pp == 1 else {"native": native_bytes}
+    asked = {engine: count(shapes, layout, bf16) for engine, count in engines.items()}
     best = {engine: fewest_gpus(shapes, engine, bf16, memory, max_gpus) for engine in ENGINES}
-    rows = [(f"{engine} (asked)", layout, b) for engine, b in asked.items()]
+    rows = [(f"{engine} (asked)", layout, asked.get(engine)) for engine in ENGINES]
     rows += [(f"{engine} (fewest GPUs)", *(found or (layout, None))) for engine, found in best.items()]
+    p = config.parallel
+    pipeline = (
+        f"; pipeline {p.pp_schedule}, {micro_batches(config, layout)} micro-batches per step"
+        if layout.pp > 1
+        else ""
+    )
     print(
         f"{config.model.name}: {shapes.numel(False) / 1e9:.2f}B dense + {shapes.numel(True) / 1e9:.2f}B "
         f"routed-expert parameters; seq {config.data.seq_len}, micro-batch "
         f"{config.trainer.micro_batch_size or 1}, activation checkpointing "
-        f"{'on' if config.trainer.activation_checkpointing else 'off'}, {'bf16' if bf16 else 'fp32'}; "
-        f"per GPU of {memory / 1e9:g} GB"
+        f"{'on' if config.trainer.activation_checkpointing else 'off'}, {'bf16' if bf16 else 'fp32'}"
+        f"{pipeline}; per GPU of {memory / 1e9:g} GB"
     )
     print_table(rows, memory)
     report = {
@@ -193,19 +274,22 @@ def plan(config: Config, gpus: int, memory: int, max_gpus: int, dry: bool) -> di
         least = min(
             count(shapes, other, bf16).total
             for engine, count in ENGINES.items()
-            for other in layouts(top, config.model.moe.num_experts, engine)
+            for other in layouts(top, config, engine)
         )
         raise ConfigError(
             f"--gpu-memory-gb={memory / 1e9:g}: no layout of up to {max_gpus} GPUs fits; the smallest "
             f"memory that fits is {least / 1e9:.1f} GB (at {top} GPUs), or try a larger --max-gpus"
         )
     if dry:
-        report["dry_run"] = dry_run(config, layout, bf16)
-        d, counted = report["dry_run"], asked["native"]
+        pp_rank = heaviest_rank(shapes, layout, bf16)
+        report["dry_run"] = d = dry_run(config, layout, bf16, pp_rank)
+        counted = native_ranks(shapes, layout, bf16)[pp_rank]
+        where = f" (pipeline rank {pp_rank}, the heaviest)" if layout.pp > 1 else ""
         print(
-            f"dry run, rank 0 of {gpus}: weights {gib(d['weights'])} GiB, gradients {gib(d['gradients'])}, "
-            f"optimizer {gib(d['optimizer'])} (the plan: {gib(counted.weights)}, {gib(counted.gradients)}, "
-            f"{gib(counted.optimizer)}); start-up host memory {gib(d['startup_host_memory'])} GiB"
+            f"dry run, rank {d['rank']} of {gpus}{where}: weights {gib(d['weights'])} GiB, gradients "
+            f"{gib(d['gradients'])}, optimizer {gib(d['optimizer'])} (the plan: {gib(counted.weights)}, "
+            f"{gib(counted.gradients)}, {gib(counted.optimizer)}); start-up host memory "
+            f"{gib(d['startup_host_memory'])} GiB"
         )
     return report
 

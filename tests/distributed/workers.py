@@ -131,6 +131,42 @@ def train(rank, overrides, result_dir):
         k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in trainer.model.state_dict().items()
     }
     torch.save(params, Path(result_dir, f"params_rank{rank}.pt"))
+    return trainer
+
+
+def train_many(rank, runs, result_dir):
+    """Several runs, one after the other, in one group of processes (spawning is the slow part):
+    `runs` is a list of (name, overrides); each rank's parameters go to result_dir/name/."""
+    for name, overrides in runs:
+        Path(result_dir, name).mkdir(exist_ok=True)
+        trainer = train(rank, overrides, Path(result_dir, name))
+        if trainer.finished:  # and a sample from a fixed prompt, as the end-of-run samples make them
+            from moe_train.model.generate import generate
+
+            pipeline = trainer.pipeline
+            model = trainer.model if pipeline is None else pipeline.generation_view()
+            prompt = torch.tensor([[100, 101, 102, 103]])
+            trainer.model.eval()
+            tokens = generate(model, prompt, 6, generator=torch.Generator().manual_seed(0))
+            torch.save(tokens, Path(result_dir, name, f"sample_rank{rank}.pt"))
+
+
+def pipeline_stage_hangs(rank, overrides, result_dir):
+    """pp=2: rank 1 hangs before the first step; rank 0 must fail naming the pipeline's send or
+    receive within parallel.timeout_minutes."""
+    from moe_train.tools.hydra_config import compose_config
+    from moe_train.train.trainer import Trainer
+
+    config = compose_config(overrides)
+    trainer = Trainer(config, Topology.setup(config.parallel, "cpu"))
+    if rank == 1:
+        time.sleep(20)  # longer than the 6 s timeout; then it exits on its own
+        os._exit(0)
+    started = time.monotonic()
+    try:
+        trainer.train_step()
+    finally:
+        Path(result_dir, "elapsed").write_text(str(time.monotonic() - started))
 
 
 def peer_fails_during_all_to_all(rank, how, result_dir):

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from moe_train.tools.hydra_config import compose_config
-from moe_train.tools.memory import GIB, Layout, ModelShapes, native_bytes
-from moe_train.tools.plan import dry_run, fewest_gpus
+from moe_train.tools.memory import GIB, Layout, ModelShapes, block_activations, native_bytes, native_ranks
+from moe_train.tools.plan import dry_run, fewest_gpus, layouts, main
 
 FULL_SIZE = ["data.seq_len=4096", "trainer.micro_batch_size=1", "trainer.activation_checkpointing=true"]
 
@@ -107,3 +107,76 @@ def test_a_rank_starts_with_its_shards_and_one_tensor_at_a_time(monkeypatch):
     experts = whole.layers["0"].ffn.experts.w13  # (8, 192, 768): one expert outweighs any dense tensor
     largest_dense = max(p.numel() for n, p in whole.named_parameters() if "experts" not in n)
     assert max(drawn) == max(largest_dense, experts[0].numel()) < experts.numel()
+
+
+def test_a_pipeline_rank_holds_its_stage_as_counted_by_hand():
+    """dense_tiny (D 192, 6 heads of 32, 2 KV heads, FFN 768, V 512, 4 layers) at pp=2 on 4 GPUs
+    (2 per stage, fully sharded), 1F1B, fp32: the last stage is layers 2 and 3, the norm and the head."""
+    config = compose_config(
+        ["model=dense_tiny", "model.vocab_size=512", "trainer.precision=fp32", "data.seq_len=64"]
+        + ["trainer.micro_batch_size=1", "trainer.global_batch_size=8", "trainer.activation_checkpointing=true"]
+    )
+    D, kv, F, V = 192, 2 * 32, 768, 512
+    layer = 2 * D * D + 2 * kv * D + 2 * D + 3 * F * D  # wq wo, wk wv, two norms, w1 w3 w2
+    last = 2 * layer + D + V * D  # every dim 0 is even: each of 2 GPUs holds half
+    ranks = native_ranks(ModelShapes(config), Layout(gpus=4, ep=1, dp_shard=2, pp=2), bf16=False)
+    assert (ranks[1].weights, ranks[1].gradients, ranks[1].optimizer) == (2 * last, 2 * last, 4 * last)
+    first = V * D + 2 * layer
+    assert ranks[0].weights == 2 * first
+    # the stage held gathered (fp32) with its whole fp32 gradient, and a receive buffer (fp32) per
+    # micro-batch: m = 8 sequences / 2 data-parallel ranks = 4, the last stage receives activations
+    tokens, m = 64, 4
+    assert ranks[1].buffers == last * (4 + 4) + m * tokens * D * 4
+    # 1F1B, activation checkpointing: the first stage keeps min(m, pp) = 2 micro-batches of its two
+    # blocks' inputs, the last 1 with its logits (fp32, their fp32 copy and gradient); each one
+    # block's working set
+    _, working, _ = block_activations(config, 4)
+    assert ranks[0].activations == 2 * 2 * tokens * D * 4 + max(working[:2])
+    assert ranks[1].activations == 2 * tokens * D * 4 + tokens * V * (4 + 8) + max(working[2:])
+
+
+def test_a_dry_run_with_pipeline_stages_holds_what_the_plan_counts():
+    """The last pipeline rank of deepseek_v3_tiny with multi-token prediction (it holds a copy of
+    the embedding, the largest tensor) at pp=2 x ep=2 on 8 fake GPUs: its shards equal the count."""
+    config = compose_config(
+        ["model=deepseek_v3_tiny", "model.vocab_size=4096", "model.mtp.num_layers=1", "parallel.ep=2"]
+    )
+    layout = Layout(gpus=8, ep=2, dp_shard=2, pp=2)
+    dry = dry_run(config, layout, bf16=True, pp_rank=1)
+    counted = native_ranks(ModelShapes(config), layout, bf16=True)[1]
+    assert dry["rank"] == 4 and next(iter(dry["largest_tensors"])) == "tok_embeddings.weight"
+    assert (dry["weights"], dry["optimizer"]) == (counted.weights, counted.optimizer)
+
+
+def test_the_search_takes_pipeline_stages_where_they_are_needed():
+    """A 32k vocabulary on a tiny model, fp32: without pp, FSDP gathers the head (V x D) whole and
+    each GPU holds half of both ends; at pp=2 on 2 GPUs each holds one end, nothing gathered."""
+    config = compose_config(
+        ["model=dense_tiny", "model.vocab_size=32768", "trainer.precision=fp32", "data.seq_len=64"]
+        + ["trainer.micro_batch_size=1", "trainer.global_batch_size=8"]
+    )
+    shapes, memory = ModelShapes(config), 150_000_000
+    without_pp = [layout for g in (1, 2) for layout in layouts(g, config, "native") if layout.pp == 1]
+    assert all(native_bytes(shapes, layout, bf16=False).total > memory for layout in without_pp)
+    layout, counted = fewest_gpus(shapes, "native", bf16=False, memory=memory, max_gpus=64)
+    assert layout == Layout(gpus=2, ep=1, dp_shard=1, pp=2) and counted.total <= memory
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gpus", "12", "parallel.pp=8"], "parallel.pp=8 must divide the 12 GPUs (1, 2, 3, 4, 6, 12)"),
+        (["--gpus", "64", "parallel.pp=64"], "stages is more than model.num_layers=32"),
+        (
+            ["--gpus", "16", "parallel.pp=4", "parallel.ep=8"],
+            "parallel.ep=8 must divide model.moe.num_experts=8 and the 4 GPUs of a pipeline stage (1, 2, 4)",
+        ),
+        (["--gpus", "16", "parallel.pp=4"], "needs at least 4 micro-batches per step"),
+    ],
+)
+def test_a_pipeline_layout_that_cannot_be_is_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["model=mixtral_8x7b", *args])
+    stderr = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert stderr.startswith("error: ") and message in stderr and stderr.count("\n") == 1

@@ -11,6 +11,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
@@ -19,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from moe_train.config import ConfigError, first_line
 from moe_train.parallel.expert_parallel import expert_shards_to_dtensors
-from moe_train.parallel.topology import Topology
+from moe_train.parallel.topology import Topology, named_collective
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def dcp_load(state: dict, path: Path, topology: Topology | None, weights_only: b
             new_depths = _mtp_depths(model) - _mtp_depths(stored)
             dropped_depths = _mtp_depths(stored) - _mtp_depths(model)
             _log_depths(path, new_depths, dropped_depths)
-        _refuse_weights_model_lacks(stored, model, dropped_depths)
+        _refuse_weights_model_lacks(stored, _whole_model_keys(model, topology), dropped_depths)
         absent = {
             k: model.pop(k)
             for k in list(model)
@@ -159,6 +160,17 @@ def _log_depths(path: Path, new: set[int], dropped: set[int]) -> None:
             sorted(dropped),
             path,
         )
+
+
+def _whole_model_keys(model: dict, topology: Topology | None) -> set[str]:
+    """The model's state-dict keys; with pipeline stages, those of every stage."""
+    keys = set(model)
+    if topology is not None and topology.pp > 1:
+        stages: list = [None] * topology.pp
+        with named_collective("all_gather_object (the stages' checkpoint keys)"):
+            dist.all_gather_object(stages, keys, group=topology.pp_group)
+        keys = set().union(*stages)
+    return keys
 
 
 def _refuse_weights_model_lacks(stored: dict, model: dict, dropped_depths: set[int]) -> None:
