@@ -40,10 +40,10 @@ FULL_SIZE = [
 ]
 # DeepSeek-V3 (DeepSeek-AI 2024, sec. 3.2.2 and 4.2): 2048 H800 GPUs, 16-way pipeline (DualPipe),
 # 64-way expert parallelism over 8 nodes, ZeRO-1 data parallelism over the rest (128 ranks per
-# stage), batch 15360 sequences of 4096 tokens. Here: parallel.pp=16, the 1F1B schedule (torch has
-# no DualPipe with its overlap), ep=64, and ZeRO-1 taken as FSDP over the stage's 128 ranks
-# (dp_shard=128), whose pipeline keeps each stage's weights gathered and its gradients whole
-# through the step as ZeRO-1 does, with fp32 weights and moments sharded.
+# stage), batch 15360 sequences of 4096 tokens. Here: parallel.pp=16, ep=64, ZeRO-1 taken as FSDP
+# over the stage's 128 ranks (dp_shard=128), whose pipeline keeps each stage's weights gathered
+# and its gradients whole through the step as ZeRO-1 does, with fp32 weights and moments sharded;
+# and the 1F1B schedule (torch's DualPipeV, two stages per rank, holds twice the receive buffers).
 AS_TRAINED = Layout(gpus=2048, ep=64, dp_shard=128, pp=16)
 AS_TRAINED_BATCH = ["trainer.global_batch_size=15360", "parallel.pp_schedule=1F1B"]
 
@@ -78,12 +78,13 @@ def main() -> None:
         }
     )
     smallest = fewest_gpus(trained, "native", bf16=True, memory=memory, max_gpus=4096)
+    smallest_zero = fewest_gpus(trained, "deepspeed", bf16=True, memory=memory, max_gpus=4096)
     rows.append(
         {
             "preset": "deepseek_v3, batch 15360, fewest GPUs",
             **sizes,
             "native": found_row(smallest),
-            "deepspeed": found_row(fewest_gpus(trained, "deepspeed", bf16=True, memory=memory, max_gpus=4096)),
+            "deepspeed": found_row(smallest_zero),
             "bytes": smallest[1].as_dict() if smallest else None,
         }
     )

@@ -13,8 +13,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
 from moe_train.config import Config
-from moe_train.model import Transformer
-from moe_train.model.documents import DocumentPacking
+from moe_train.model import DocumentPacking, Transformer
 from moe_train.model.moe import is_expert_param
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.fsdp import apply_fsdp, local_tensor

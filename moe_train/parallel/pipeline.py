@@ -23,9 +23,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from moe_train.config import Config, ConfigError, ParallelConfig
 from moe_train.config.training import SINGLE_STAGE_SCHEDULES, V_SCHEDULES
-from moe_train.model import Transformer, lm_loss
-from moe_train.model.documents import DocumentPacking, Documents
-from moe_train.model.transformer import moe_block_ids
+from moe_train.model import DocumentPacking, Documents, Transformer, lm_loss, moe_block_ids
 from moe_train.parallel.fsdp import local_tensor
 from moe_train.parallel.topology import Topology, named_collective, stage_ids
 
@@ -130,6 +128,7 @@ class Stage(nn.Module):
         if self.is_last:
             self.norm, self.output, self.mtp = model.norm, model.output, model.mtp
         self._model = [model]  # for its rotary tables and head (not a submodule: no second name)
+        self.hidden_dtype = torch.float32  # what it sends on: the Pipeline sets it
         self.documents = documents
         moe, mtp = config.model.moe, config.model.mtp
         self.num_moe = len(moe_block_ids(config.model))  # the one-process losses are means over these
@@ -159,6 +158,7 @@ class Stage(nn.Module):
         weighted = sum(c * loss for c, loss in zip(self.coefs, losses))
         if self.is_last:  # the schedule's loss function adds them to the LM loss
             return x, weighted
+        x = x.to(self.hidden_dtype)  # what the next stage expects to receive
         if torch.is_grad_enabled() and stats:
             x = _AttachLoss.apply(x, weighted)
         return x
@@ -183,13 +183,25 @@ class Pipeline:
     """The schedule over this rank's stages: a training step's forward and backward, evaluation's
     forward, and generation's whole-sequence forward."""
 
-    def __init__(self, stages: list[Stage], config: Config, topology: Topology, micro_batches: int):
+    def __init__(
+        self,
+        stages: list[Stage],
+        config: Config,
+        topology: Topology,
+        micro_batches: int,
+        hidden_dtype: torch.dtype = torch.float32,
+    ):
+        """`hidden_dtype`: the hidden state's between stages: bf16 where FSDP computes in bf16,
+        else fp32 (autocast keeps the residual stream in its weights' fp32)."""
         self.stages, self.topology, self.config = stages, topology, config
+        self.hidden_dtype = hidden_dtype
+        for stage in stages:
+            stage.hidden_dtype = hidden_dtype
         self.num_stages = config.parallel.pp * config.parallel.pp_stages_per_rank
         # static shapes: no inference pass, which would run a stage's forward once more
         mbs, seq, model = config.trainer.micro_batch_size, config.data.seq_len, config.model
         tokens = torch.empty(mbs, seq, dtype=torch.long, device="meta")
-        hidden = torch.empty(mbs, seq, model.dim, device="meta", requires_grad=True)
+        hidden = torch.empty(mbs, seq, model.dim, dtype=hidden_dtype, device="meta", requires_grad=True)
         logits = torch.empty(mbs, seq, model.vocab_size, device="meta", requires_grad=True)
         last = (logits, torch.empty((), device="meta", requires_grad=True))  # with its weighted losses
         wrapped = [
@@ -297,14 +309,14 @@ class Pipeline:
         for s in range(self.num_stages):
             owner = self._stage_of_rank[s]
             if s > 0 and owner != self._stage_of_rank[s - 1] and owner == self.topology.pp_rank:
-                x = torch.empty(B, T, self.config.model.dim, device=device)
+                x = torch.empty(B, T, self.config.model.dim, dtype=self.hidden_dtype, device=device)
                 source = self._stage_of_rank[s - 1]
                 self._run(f"receive for stage {s}", dist.recv, x, group=group, group_src=source)
             if s in mine:
                 x = mine[s](x, tokens, documents=documents)
                 following = self._stage_of_rank.get(s + 1, owner)
                 if following != owner:
-                    self._run(f"send from stage {s}", dist.send, x.float(), group=group, group_dst=following)
+                    self._run(f"send from stage {s}", dist.send, x, group=group, group_dst=following)
         return x[0] if self.holds_last else None  # the last stage's (logits, weighted losses)
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
-"""The memory a layout needs on each GPU, for both engines, and the layout with the fewest GPUs
-that fits; --dry-run builds one rank's real shards on a fake world of that size to check the
-model states."""
+"""The memory a layout (pipeline stages, expert parallelism, FSDP's shard groups) needs on each
+GPU, for both engines, and the layout with the fewest GPUs that fits; --dry-run builds the real
+shards of the heaviest rank on a fake world of that size to check the model states."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from moe_train.config import Config, ConfigError, TrainerConfig
+from moe_train.parallel.pipeline import check_micro_batches
 from moe_train.parallel.topology import check_layout
 from moe_train.train.checkpoint import CheckpointMismatch, check_run_folders, load_config, resolve_checkpoint
 from moe_train.train.checkpoint.run_dir import complete_checkpoints, refuse_a_run_in_use
@@ -18,7 +19,9 @@ def preflight(config: Config, world_size: int, main_rank: bool) -> None:
     """The layout and batch against the world size, the folders the run writes, and on the main
     rank a run already using trainer.out_dir and a checkpoint to resume of the other engine."""
     check_layout(config.parallel, world_size)
-    batch_layout(config.trainer, world_size)
+    data_parallel = world_size // config.parallel.pp
+    t = batch_layout(config.trainer, data_parallel)
+    check_micro_batches(config.parallel, t.global_batch_size // (t.micro_batch_size * data_parallel))
     check_compiler(config.trainer)
     check_run_folders(config)
     if not main_rank:

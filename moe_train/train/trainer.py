@@ -109,7 +109,10 @@ class Trainer:
         stages = parallelize(self.model, config, topology, bf16, self.documents)
         materialize(self.model, t.seed, topology)
         self.engine = build_engine(self.model, config, topology, self.micro_batches_per_step, bf16)
-        self.pipeline = Pipeline(stages, config, topology, self.micro_batches_per_step) if stages else None
+        self.pipeline = None
+        if stages:  # FSDP computes in bf16 (its parameters' dtype), autocast alone keeps fp32
+            hidden = torch.bfloat16 if bf16 and topology.data_parallel else torch.float32
+            self.pipeline = Pipeline(stages, config, topology, self.micro_batches_per_step, hidden)
         self.expert_load = ExpertLoad(self.model, config.model.moe, topology)
         if config.model.moe.bias_update_rate:
             self.engine.register_step_pre_hook(self.expert_load.update_routing_bias)

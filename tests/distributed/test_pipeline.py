@@ -104,13 +104,20 @@ def single(tmp):
 
 @pytest.fixture(scope="module")
 def two_ranks(single):
-    """pp=2 on 2 ranks: each schedule, a tied head, a run stopped at step 3 (resumed at pp=1
-    below) and the single process's stopped run resumed."""
+    """pp=2 on 2 ranks: each schedule, a tied head, compile with recompute, a run stopped at step 3
+    (resumed at pp=1 below) and the single process's stopped run resumed."""
     tmp = single
     shutil.copytree(tmp / "single-half", tmp / "resumed-at-pp2")
     runs = [overrides(tmp, f"pp2-{s}", "parallel.pp=2", f"parallel.pp_schedule={s}") for s in SCHEDULES]
     runs += [
         overrides(tmp, "pp2-tied", "parallel.pp=2", "model.tie_embeddings=true"),
+        overrides(
+            tmp,
+            "pp2-compile",
+            "parallel.pp=2",
+            "trainer.compile=true",
+            "trainer.activation_checkpointing=true",
+        ),
         overrides(tmp, "pp2-half", "parallel.pp=2", *HALF),
         overrides(tmp, "resumed-at-pp2", "parallel.pp=2"),
     ]
@@ -128,6 +135,11 @@ def test_each_schedule_at_pp2_trains_as_one_process(two_ranks, schedule):
 def test_a_tied_head_on_the_last_stage_trains_as_one_process(two_ranks):
     """The last stage's copy of the embedding takes the first stage's gradient too."""
     assert_same_run(result(two_ranks, "pp2-tied", 2, pp=2), result(two_ranks, "single-tied", 1))
+
+
+def test_compiled_and_recomputed_blocks_in_stages_train_as_one_process(two_ranks):
+    """Each stage's blocks compiled whole (aot_eager) inside activation checkpointing."""
+    assert_same_run(result(two_ranks, "pp2-compile", 2, pp=2), result(two_ranks, "single", 1))
 
 
 def test_checkpoints_resume_across_pipeline_sizes(two_ranks):

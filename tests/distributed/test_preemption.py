@@ -19,7 +19,9 @@ from tests.distributed import workers
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_signal_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("layout", ["parallel.ep=2", "parallel.pp=2"])
+def test_signal_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, layout):
+    """Expert parallelism, or two pipeline stages: the signalled last stage stops the first too."""
     out_dir = tmp_path / "run"
     overrides = [
         *TINY,
@@ -27,7 +29,7 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(
         "trainer.max_steps=50",
         "trainer.ckpt_every=0",
         "trainer.eval_every=0",
-        "parallel.ep=2",
+        layout,
     ]
     run_ranks(2, workers.train_until_signalled, overrides, tmp_path, result_dir=tmp_path)
     assert {(tmp_path / f"rank{r}.step").read_text() for r in range(2)} == {"3"}

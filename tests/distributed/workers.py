@@ -136,7 +136,11 @@ def train(rank, overrides, result_dir):
 
 def train_many(rank, runs, result_dir):
     """Several runs, one after the other, in one group of processes (spawning is the slow part):
-    `runs` is a list of (name, overrides); each rank's parameters go to result_dir/name/."""
+    `runs` is a list of (name, overrides); each rank's parameters go to result_dir/name/. Compile
+    uses the aot_eager backend, as tests/unit/test_compile.py does (inductor takes minutes here)."""
+    import functools
+
+    torch.compile = functools.partial(torch.compile, backend="aot_eager")
     for name, overrides in runs:
         Path(result_dir, name).mkdir(exist_ok=True)
         trainer = train(rank, overrides, Path(result_dir, name))

@@ -93,6 +93,18 @@ def test_cli_preflight_one_line_from_rank_0_before_anything_starts(tmp_path):
         ),
         ([*train_py, "parallel.ep=3"], {**world, "RANK": "1"}, None),  # rank 0 says it
         (
+            [*train_py, "parallel.pp=4", "model.num_layers=4"],
+            {**world, "RANK": "0"},
+            "parallel.pp=4 must divide the world size 2 (world = pp x the ranks of a stage); allowed pp "
+            "values: 1, 2",
+        ),
+        (
+            [*train_py, "parallel.pp=2", "trainer.micro_batch_size=8"],
+            {**world, "RANK": "0"},
+            "parallel.pp_schedule=1F1B at parallel.pp=2 needs at least 2 micro-batches per step, and this "
+            "layout gives 1",
+        ),
+        (
             [*train_py, "trainer.global_batch_size=6"],
             {**world, "RANK": "0"},
             "trainer.global_batch_size=6 must be divisible by trainer.micro_batch_size=2 x 2 data-parallel ranks",

@@ -114,7 +114,11 @@ def test_a_pipeline_rank_holds_its_stage_as_counted_by_hand():
     (2 per stage, fully sharded), 1F1B, fp32: the last stage is layers 2 and 3, the norm and the head."""
     config = compose_config(
         ["model=dense_tiny", "model.vocab_size=512", "trainer.precision=fp32", "data.seq_len=64"]
-        + ["trainer.micro_batch_size=1", "trainer.global_batch_size=8", "trainer.activation_checkpointing=true"]
+        + [
+            "trainer.micro_batch_size=1",
+            "trainer.global_batch_size=8",
+            "trainer.activation_checkpointing=true",
+        ]
     )
     D, kv, F, V = 192, 2 * 32, 768, 512
     layer = 2 * D * D + 2 * kv * D + 2 * D + 3 * F * D  # wq wo, wk wv, two norms, w1 w3 w2
