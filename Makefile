@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python -m bench.engines --offload
 	$(BIN)/python -m bench.sharding
 	$(BIN)/python -m bench.train_e2e model=mixtral_tiny
+	$(BIN)/python -m bench.pipeline_bubble
 	$(BIN)/python -m bench.fit_table
 
 # The GPU check (README, "On a GPU machine"): `make gpu-wheels` here, with the package registry, fetches

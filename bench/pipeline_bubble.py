@@ -1,6 +1,6 @@
 """The pipeline bubble of torch's schedules, measured on CPU processes beside its theory.
 
-    python -m bench.pipeline_bubble [--pps 1 2 4] [--micro-batches 4 8 16] [--ms 10]
+    python -m bench.pipeline_bubble [--pps 1 2 4] [--micro-batches 4 8 16] [--ms 30]
                                     [--schedules 1F1B GPipe ...] [--work sleep|matmul]
 
 Each rank runs its stages through torch.distributed.pipelining (the stages and schedules
@@ -13,8 +13,8 @@ instead, which needs a core per process to mean anything.
 
 The bubble is the share of the step a rank waits: 1 - m (F + B + W) / step time. Theory
 (Narayanan et al. 2021, sec. 2.2): GPipe and 1F1B (p - 1) / (m + p - 1); interleaved with v stages
-per rank (p - 1) / (v m + p - 1); LoopedBFS runs each stage's micro-batches breadth-first, GPipe's
-bubble. The zero-bubble schedules (Qi et al. 2024) fill the bubble with the weight gradients:
+per rank (p - 1) / (v m + p - 1), and so LoopedBFS, breadth-first over the same looped stages
+(Lamy-Poirier 2023). The zero-bubble schedules (Qi et al. 2024) fill the bubble with the weight gradients:
 they are measured only.
 """
 
@@ -159,9 +159,9 @@ def rank_main(rank: int, pp: int, plan: list, ms: float, work: str, repeat: int,
 def theory(schedule: str, p: int, m: int) -> float | None:
     if p == 1:
         return 0.0
-    if schedule in ("GPipe", "1F1B", "LoopedBFS"):
+    if schedule in ("GPipe", "1F1B"):
         return (p - 1) / (m + p - 1)
-    if schedule == "Interleaved1F1B":
+    if schedule in ("Interleaved1F1B", "LoopedBFS"):  # v = 2 stages per rank
         return (p - 1) / (2 * m + p - 1)
     return None  # the zero-bubble schedules: measured only
 
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument(
         "--schedules", nargs="+", default=list(PIPELINE_SCHEDULES), choices=PIPELINE_SCHEDULES
     )
-    parser.add_argument("--ms", type=float, default=10.0, help="F, B and W of a stage, milliseconds each")
+    parser.add_argument("--ms", type=float, default=30.0, help="F, B and W of a stage, milliseconds each")
     parser.add_argument("--work", choices=["sleep", "matmul"], default="sleep")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()

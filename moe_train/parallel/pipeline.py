@@ -3,11 +3,11 @@
 torch's `PipelineStage` wraps, and one of torch's schedules runs a step's micro-batches.
 
 The MoE terms cross stages without a second pass: each stage attaches its layers' weighted
-load-balancing, device-level and z losses (and the last its multi-token prediction loss) to its
-output with `attach_loss`, an identity whose backward also starts the attached loss's backward
-(Megatron-Core's MoEAuxLossAutoScaler), so they join the gradient the schedule computes from the
-last stage's LM loss. Their values and the expert counts are recorded per micro-batch for the
-metrics and the routing-bias update.
+load-balancing, device-level and z losses to its output with `_AttachLoss`, an identity whose
+backward also starts the attached loss's backward (Megatron-Core's MoEAuxLossAutoScaler); the last
+stage returns its own, with the multi-token prediction loss, beside the logits, and the
+schedule's loss function adds them to the LM loss. Their values and the expert counts are
+recorded per micro-batch for the metrics and the routing-bias update.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class Stage(nn.Module):
     the schedule's gradient scaling see them), the embedding on the first stage, the head on the
     last. forward(x, tokens, targets): x is the tokens on the first stage, the previous stage's
     hidden state otherwise; `tokens` and `targets` reach every stage (for the packed documents'
-    masks and multi-token prediction). Returns the hidden state, or the logits on the last."""
+    masks and multi-token prediction). Returns the hidden state (in `hidden_dtype`), or on the
+    last stage the logits and its weighted MoE and multi-token prediction losses."""
 
     def __init__(
         self,

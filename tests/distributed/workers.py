@@ -164,7 +164,7 @@ def pipeline_stage_hangs(rank, overrides, result_dir):
     config = compose_config(overrides)
     trainer = Trainer(config, Topology.setup(config.parallel, "cpu"))
     if rank == 1:
-        time.sleep(20)  # longer than the 6 s timeout; then it exits on its own
+        time.sleep(10)  # longer than the 6 s timeout; then it exits on its own
         os._exit(0)
     started = time.monotonic()
     try:
@@ -219,7 +219,7 @@ def peer_hangs_in_a_subgroup(rank, result_dir):
         later = dist.new_group([0, 3])
     dist.barrier()
     if rank == 3:
-        time.sleep(20)  # longer than the 6 s timeout; then it exits on its own
+        time.sleep(10)  # longer than the 6 s timeout; then it exits on its own
         return
     if rank == 1:
         return
