@@ -53,8 +53,9 @@ def check_micro_batches(config: ParallelConfig, micro_batches: int) -> None:
     name, stages = config.pp_schedule, config.pp * config.pp_stages_per_rank
     at_least = {"GPipe": 1, "DualPipeV": stages}.get(name, config.pp)
     fix = (
-        "raise trainer.global_batch_size or lower trainer.micro_batch_size (micro-batches per step = "
-        "global_batch_size / (micro_batch_size x data-parallel ranks))"
+        "lower trainer.micro_batch_size (unset, it is each rank's whole share: one micro-batch) or "
+        "raise trainer.global_batch_size (micro-batches per step = global_batch_size / "
+        "(micro_batch_size x data-parallel ranks))"
     )
     if micro_batches < at_least:
         raise ConfigError(
@@ -134,9 +135,8 @@ class Stage(nn.Module):
         moe, mtp = config.model.moe, config.model.mtp
         self.num_moe = len(moe_block_ids(config.model))  # the one-process losses are means over these
         self.coefs = (moe.aux_loss_coef, moe.device_aux_loss_coef, moe.z_loss_coef, mtp.loss_coef)
-        self.records: list[
-            tuple[torch.Tensor, list]
-        ] = []  # per micro-batch: (aux, device aux, z, mtp), stats
+        # per micro-batch: (aux, device aux, z, mtp), the MoE blocks' counts (l, E) and drops (l,)
+        self.records: list[tuple] = []
 
     def forward(self, x, tokens, targets=None, documents: Documents | None = None):
         model = self._model[0]
@@ -155,7 +155,9 @@ class Stage(nn.Module):
             for k in ("aux_loss", "device_aux_loss", "z_loss")
         ]
         losses.append(mtp)
-        self.records.append((torch.stack(losses).detach(), [(s.tokens_per_expert, s.dropped) for s in stats]))
+        counts = torch.stack([s.tokens_per_expert for s in stats]) if stats else None
+        dropped = torch.stack([s.dropped for s in stats]).float() if stats else None
+        self.records.append((torch.stack(losses).detach(), counts, dropped))
         weighted = sum(c * loss for c, loss in zip(self.coefs, losses))
         if self.is_last:  # the schedule's loss function adds them to the LM loss
             return x, weighted
@@ -234,28 +236,26 @@ class Pipeline:
         with named_collective(f"pipeline {what} (send/recv between stages, pp rank {self.topology.pp_rank})"):
             return fn(*args, **kwargs)
 
-    def _records(self) -> tuple[torch.Tensor, list]:
-        """This rank's (aux, device aux, z, mtp) summed over its stages and micro-batches, and the
-        expert counts of its MoE blocks summed over micro-batches (stage order)."""
+    def _records(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This rank's (aux, device aux, z, mtp) summed over its stages and micro-batches, and its
+        MoE blocks' expert counts (l, E) and drops (l,) summed over micro-batches (None without)."""
         total = torch.zeros(4, device=self.topology.device)
-        counts = []
+        counts, dropped = [], []
         for stage in self.stages:
-            stats = None
-            for losses, stage_stats in stage.records:
-                total += losses
-                stats = (
-                    stage_stats
-                    if stats is None
-                    else [(c0 + c, d0 + d) for (c0, d0), (c, d) in zip(stats, stage_stats)]
-                )
-            counts += stats or []
+            for record in stage.records:
+                total += record[0]
+            if stage.records and stage.records[0][1] is not None:
+                counts.append(sum(record[1] for record in stage.records))
+                dropped.append(sum(record[2] for record in stage.records))
             stage.records.clear()
-        return total, counts
+        if not counts:
+            return total, None, None
+        return total, torch.cat(counts), torch.cat(dropped)
 
-    def train_step(self, inputs, targets, counted, autocast) -> tuple[torch.Tensor, list]:
+    def train_step(self, inputs, targets, counted, autocast):
         """One step's micro-batches forward and backward; (lm, aux, device aux, z, mtp) summed over
-        them on this rank (lm on the last stage, each other term over this rank's layers) and
-        this rank's expert counts per MoE block."""
+        them on this rank (lm on the last stage, each other term over this rank's layers), and
+        this rank's MoE blocks' expert counts and drops (or None, None)."""
         masked = targets if counted is None else targets.masked_fill(~counted, -100)
         with autocast():
             self._run(
@@ -267,8 +267,8 @@ class Pipeline:
                 target=masked,
                 return_outputs=False,
             )
-        other, counts = self._records()
-        return torch.cat([self._lm_sum().view(1), other]), counts
+        other, counts, dropped = self._records()
+        return torch.cat([self._lm_sum().view(1), other]), counts, dropped
 
     def _lm_sum(self) -> torch.Tensor:
         lm = torch.stack(self.lm_losses).sum().float() if self.lm_losses else None

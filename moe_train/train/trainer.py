@@ -230,9 +230,8 @@ class Trainer:
             batch = batch.to(self.device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             counted = self.documents(inputs, targets).loss_mask()
-            losses, counts = self.pipeline.train_step(inputs, targets, counted, self.autocast)
-            if counts:
-                self.expert_load.add(torch.stack([c for c, _ in counts]), torch.stack([d for _, d in counts]))
+            losses, counts, dropped = self.pipeline.train_step(inputs, targets, counted, self.autocast)
+            self.expert_load.add(counts, dropped)
 
         lr = lr_at(self.progress.step, self.config.optim, t.max_steps)
         grad_norm = self.engine.step(lr)
