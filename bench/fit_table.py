@@ -43,9 +43,9 @@ FULL_SIZE = [
 # stage), batch 15360 sequences of 4096 tokens. Here: parallel.pp=16, ep=64, ZeRO-1 taken as FSDP
 # over the stage's 128 ranks (dp_shard=128), whose pipeline keeps each stage's weights gathered
 # and its gradients whole through the step as ZeRO-1 does, with fp32 weights and moments sharded;
-# and the 1F1B schedule (torch's DualPipeV, two stages per rank, holds twice the receive buffers).
+# and DualPipeV, torch's V-shaped form of DualPipe (two stages per rank).
 AS_TRAINED = Layout(gpus=2048, ep=64, dp_shard=128, pp=16)
-AS_TRAINED_BATCH = ["trainer.global_batch_size=15360", "parallel.pp_schedule=1F1B"]
+AS_TRAINED_BATCH = ["trainer.global_batch_size=15360", "parallel.pp_schedule=DualPipeV"]
 
 
 def found_row(found) -> dict | None:
@@ -103,7 +103,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         as_trained = r["preset"].endswith("(batch 15360)")
-        deepspeed = "runs pp=1 only | |" if as_trained else cells(r["deepspeed"], "deepspeed")
+        deepspeed = "n/a (pp=1 only) | | " if as_trained else cells(r["deepspeed"], "deepspeed")
         print(
             f"| {r['preset']} | {r['dense_B']:.1f}B | {r['experts_B']:.1f}B | {cells(r['native'], 'native')} "
             f"| {deepspeed} |"

@@ -112,6 +112,7 @@ class Config:
         check(
             not (self.trainer.compile and p.pp_schedule in zero_bubble),
             f"trainer.compile=true cannot run with parallel.pp_schedule={p.pp_schedule}: the zero-bubble "
-            "schedules split each block's backward, which a compiled block cannot; use "
-            "trainer.compile=false, or 1F1B or Interleaved1F1B",
+            "schedules (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) split each block's backward, "
+            "which a compiled block cannot; use trainer.compile=false, or GPipe, 1F1B, Interleaved1F1B "
+            "or LoopedBFS",
         )

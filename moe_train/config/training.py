@@ -279,8 +279,10 @@ class ParallelConfig:
                 f"parallel.pp_stages_per_rank={self.pp_stages_per_rank}",
             )
         if self.pp_layers is not None:
-            for n in self.pp_layers:
-                at_least("parallel.pp_layers[*]", n, 1)
+            check(
+                all(is_finite(n) and n >= 1 for n in self.pp_layers),
+                f"parallel.pp_layers={list(self.pp_layers)}: every stage needs at least one layer",
+            )
         check(
             self.dp_shard == -1 or (is_finite(self.dp_shard) and self.dp_shard >= 1),
             f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 for the whole world",

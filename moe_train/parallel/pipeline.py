@@ -22,7 +22,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from moe_train.config import Config, ConfigError, ParallelConfig
-from moe_train.config.training import SINGLE_STAGE_SCHEDULES, V_SCHEDULES
+from moe_train.config.training import V_SCHEDULES
 from moe_train.model import DocumentPacking, Documents, Transformer, lm_loss, moe_block_ids
 from moe_train.parallel.fsdp import local_tensor
 from moe_train.parallel.topology import Topology, named_collective, stage_ids
@@ -63,10 +63,11 @@ def check_micro_batches(config: ParallelConfig, micro_batches: int) -> None:
             f"micro-batches per step, and this layout gives {micro_batches}: {fix}"
         )
     rounds = max(1, micro_batches // config.pp)
-    if name not in SINGLE_STAGE_SCHEDULES and micro_batches % rounds:
+    if name in ("Interleaved1F1B", "InterleavedZeroBubble") and micro_batches % rounds:
         raise ConfigError(
             f"parallel.pp_schedule={name} at parallel.pp={config.pp} needs the micro-batches per step "
-            f"({micro_batches}) to be a multiple of {rounds} (micro-batches // pp): {fix}"
+            f"({micro_batches}) to be a multiple of {rounds} (micro-batches // pp; any multiple of "
+            f"parallel.pp is): {fix}"
         )
 
 

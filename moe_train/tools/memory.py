@@ -25,9 +25,8 @@ from moe_train.parallel.topology import stage_ids
 GIB = 2**30
 # torch's PipelineStage allocates a receive buffer per micro-batch for the hidden state (every
 # stage but the first) and for its gradient (every stage but the last), kept across steps
-# (pipelining/stage.py, _setup_forward_recv_info, _create_grad_recv_info); pipeline.py declares
-# the hidden state fp32
-PIPELINE_HIDDEN_BYTES = 4
+# (pipelining/stage.py, _setup_forward_recv_info, _create_grad_recv_info), in the dtype the
+# stages send (Trainer: bf16 where FSDP computes in bf16, else fp32)
 
 
 def _divisors(n: int) -> str:
@@ -297,7 +296,7 @@ def native_ranks(shapes: ModelShapes, layout: Layout, bf16: bool) -> list[Bytes]
     set_reshard_after_backward(False) and set_requires_gradient_sync(False) and reduce-scatters once
     per step, so the rank's stages are held gathered (compute dtype) with their unsharded fp32
     gradient (plus one unit's compute-dtype gradient before it is accumulated), and the
-    receive buffers (PIPELINE_HIDDEN_BYTES)."""
+    receive buffers."""
     config = shapes.config
     itemsize = 2 if bf16 else 4
     sharded = layout.stage_gpus > 1
@@ -314,7 +313,8 @@ def native_ranks(shapes: ModelShapes, layout: Layout, bf16: bool) -> list[Bytes]
             buffers = whole * (itemsize + 4) + (largest_unit(rank, layout) * itemsize if bf16 else 0)
         if layout.pp > 1:
             receives = sum((not first) + (not last) for _, first, last in rank.stages)
-            buffers += receives * micro_batches(config, layout) * hidden * PIPELINE_HIDDEN_BYTES
+            sent = 2 if bf16 and sharded else 4  # the hidden state's dtype between stages
+            buffers += receives * micro_batches(config, layout) * hidden * sent
         out.append(
             Bytes(
                 weights=4 * local,

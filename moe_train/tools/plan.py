@@ -54,9 +54,12 @@ def divisors(n: int) -> list[int]:
 
 
 def runs(config: Config, layout: Layout) -> bool:
-    """Whether training can run the layout's pipeline: at most one stage per layer, and the
-    micro-batches per step its schedule needs (pipeline.check_micro_batches)."""
-    p = config.parallel
+    """Whether training can run the layout: the global batch split evenly into micro-batches over
+    a stage's GPUs; with a pipeline at most one stage per layer and the micro-batches per step its
+    schedule needs (pipeline.check_micro_batches)."""
+    p, t = config.parallel, config.trainer
+    if t.global_batch_size % ((t.micro_batch_size or 1) * layout.stage_gpus):
+        return False
     if layout.pp == 1:
         return True
     if layout.pp * p.pp_stages_per_rank > config.model.num_layers:
@@ -192,15 +195,23 @@ def gib(n: int) -> str:
 
 def print_table(rows: list[tuple[str, Layout, Bytes | None]], memory: int) -> None:
     kinds = ["weights", "master_weights", "gradients", "optimizer", "buffers", "activations", "total"]
-    header = ["engine / layout", "gpus", "pp", "ep", "dp_shard", *[f"{k} GiB" for k in kinds], "fits"]
-    print("  ".join(header))
+    table = [["engine / layout", "gpus", "pp", "ep", "dp_shard", *[f"{k} GiB" for k in kinds], "fits"]]
+    notes = []
     for what, layout, b in rows:
         if b is None:
-            print(f"{what}: no layout fits" if "fewest" in what else f"{what}: runs pp=1 only")
+            notes.append(f"{what}: no layout fits" if "fewest" in what else f"{what}: runs pp=1 only")
             continue
         cells = [what, *(str(getattr(layout, k)) for k in ("gpus", "pp", "ep", "dp_shard"))]
-        cells += [gib(getattr(b, k)) for k in kinds] + ["yes" if b.total <= memory else "no"]
-        print("  ".join(cells))
+        table.append(cells + [gib(getattr(b, k)) for k in kinds] + ["yes" if b.total <= memory else "no"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+            )
+        )
+    for note in notes:
+        print(note)
 
 
 def asked_layout(config: Config, gpus: int) -> Layout:
@@ -210,6 +221,9 @@ def asked_layout(config: Config, gpus: int) -> Layout:
     stage_gpus = gpus // p.pp
     layout = Layout(gpus, p.ep, stage_gpus if p.dp_shard == -1 else p.dp_shard, p.pp)
     layout.check(model.moe.num_experts, model.num_layers, p.pp_stages_per_rank)
+    from moe_train.train.trainer import batch_layout  # the trainer's own refusal, word for word
+
+    batch_layout(config.trainer, stage_gpus)
     if p.pp > 1:
         check_micro_batches(p, micro_batches(config, layout))
     return layout
@@ -270,12 +284,20 @@ def plan(config: Config, gpus: int, memory: int, max_gpus: int, dry: bool) -> di
         },
     }
     if best["native"] is None and best["deepspeed"] is None:
+
+        def totals_at(gpus: int) -> list[int]:
+            return [
+                count(shapes, other, bf16).total
+                for engine, count in ENGINES.items()
+                for other in layouts(gpus, config, engine)
+            ]
+
         top = 2 ** (max_gpus.bit_length() - 1)
-        least = min(
-            count(shapes, other, bf16).total
-            for engine, count in ENGINES.items()
-            for other in layouts(top, config, engine)
-        )
+        totals = totals_at(top)
+        while not totals and top > 1:  # the most GPUs a run of this batch can use
+            top //= 2
+            totals = totals_at(top)
+        least = min(totals)
         raise ConfigError(
             f"--gpu-memory-gb={memory / 1e9:g}: no layout of up to {max_gpus} GPUs fits; the smallest "
             f"memory that fits is {least / 1e9:.1f} GB (at {top} GPUs), or try a larger --max-gpus"

@@ -115,6 +115,9 @@ class ProgressBar(Callback):
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 
+    def on_fit_end(self, trainer):
+        self.bar.close()  # before the samples: its elapsed time is the training's
+
     def close(self):
         self.bar.close()
 

@@ -171,20 +171,21 @@ class Trainer:
     def _fit(self, callbacks: list[Callback] | None) -> None:
         self.resume()
         t = self.config.trainer
+        warn = log.warning if self.topology.is_main else log.debug  # said once, not once per rank
         if self.config.optim.warmup_steps >= t.max_steps:
-            log.warning(
+            warn(
                 "optim.warmup_steps=%d >= trainer.max_steps=%d: the learning rate never reaches optim.lr",
                 self.config.optim.warmup_steps,
                 t.max_steps,
             )
         mtp = self.config.model.mtp
         if mtp.num_layers and not mtp.loss_coef:
-            log.warning(
+            warn(
                 "model.mtp.loss_coef=0: the %d multi-token prediction depths run and learn nothing",
                 mtp.num_layers,
             )
         if self.progress.step >= t.max_steps:
-            log.warning(
+            warn(
                 "%s is already at step %d of trainer.max_steps=%d: nothing to train",
                 t.out_dir,
                 self.progress.step,

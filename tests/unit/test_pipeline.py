@@ -76,6 +76,8 @@ def test_a_schedule_short_of_micro_batches_is_refused(schedule, pp, micro_batche
     with pytest.raises(ConfigError, match=message):
         check_micro_batches(ParallelConfig(pp=pp, pp_schedule=schedule), micro_batches)
     check_micro_batches(ParallelConfig(pp=pp, pp_schedule="GPipe"), 1)  # GPipe runs any number
+    for other in ("LoopedBFS", "ZBVZeroBubble", "DualPipeV"):  # no rounds: 5 at pp=2 runs (torch's rule)
+        check_micro_batches(ParallelConfig(pp=2, pp_schedule=other), 5)
 
 
 def test_pp_must_divide_the_world_and_ep_a_stage():
@@ -98,7 +100,10 @@ def test_pp_must_divide_the_world_and_ep_a_stage():
             ["parallel.pp=2", "parallel.pp_layers=[1,2]"],
             r"parallel.pp_layers=\[1, 2\] must list 2 stages .* summing to model.num_layers=4",
         ),
-        (["parallel.pp=2", "parallel.pp_layers=[4,0]"], r"parallel.pp_layers\[\*\]=0 "),
+        (
+            ["parallel.pp=2", "parallel.pp_layers=[4,0]"],
+            r"parallel.pp_layers=\[4, 0\]: every stage needs at least one layer",
+        ),
         (
             ["parallel.pp=2", "parallel.pp_schedule=ZeroBubble"],
             r"parallel.pp_schedule='ZeroBubble' is not allowed; choose one of GPipe, 1F1B",

@@ -12,7 +12,12 @@ from moe_train.tools.hydra_config import compose_config
 from moe_train.tools.memory import GIB, Layout, ModelShapes, block_activations, native_bytes, native_ranks
 from moe_train.tools.plan import dry_run, fewest_gpus, layouts, main
 
-FULL_SIZE = ["data.seq_len=4096", "trainer.micro_batch_size=1", "trainer.activation_checkpointing=true"]
+FULL_SIZE = [
+    "data.seq_len=4096",
+    "trainer.micro_batch_size=1",
+    "trainer.activation_checkpointing=true",
+    "trainer.global_batch_size=1024",  # it must split over the GPUs: a layout that cannot is not taken
+]
 
 
 @pytest.mark.parametrize(
