@@ -170,8 +170,8 @@ def test_pp2_with_expert_parallelism_and_with_fsdp_trains_as_one_process(single)
 
 
 def test_a_stage_that_hangs_stops_the_other_with_an_error_naming_the_pipeline(tmp_path):
-    args = [*TINY, f"trainer.out_dir={tmp_path / 'run'}", "parallel.pp=2", "parallel.timeout_minutes=0.1"]
+    args = [*TINY, f"trainer.out_dir={tmp_path / 'run'}", "parallel.pp=2", "parallel.timeout_minutes=0.05"]
     with pytest.raises(RankFailed) as failed:
         run_ranks(2, workers.pipeline_stage_hangs, args, tmp_path, result_dir=tmp_path, timeout=60)
     assert "pipeline step (send/recv between stages, pp rank 0) failed on rank 0" in failed.value.errors[0]
-    assert float((tmp_path / "elapsed").read_text()) < 30  # the 6 s timeout, not a hang
+    assert float((tmp_path / "elapsed").read_text()) < 20  # the 3 s timeout, not a hang

@@ -164,7 +164,7 @@ def pipeline_stage_hangs(rank, overrides, result_dir):
     config = compose_config(overrides)
     trainer = Trainer(config, Topology.setup(config.parallel, "cpu"))
     if rank == 1:
-        time.sleep(10)  # longer than the 6 s timeout; then it exits on its own
+        time.sleep(6)  # longer than the test's 3 s timeout; then it exits on its own
         os._exit(0)
     started = time.monotonic()
     try:
