@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from moe_train.config.checks import ConfigError, check, first_line
 from moe_train.config.model import MLAConfig, ModelConfig, MoEConfig, MTPConfig, RopeScalingConfig
 from moe_train.config.training import (
+    ZERO_BUBBLE_SCHEDULES,
     DataConfig,
     EngineConfig,
     LoggingConfig,
@@ -108,9 +109,8 @@ class Config:
             f"parallel.pp={p.pp} x parallel.pp_stages_per_rank={p.pp_stages_per_rank} = {stages} "
             f"stages is more than model.num_layers={layers}: every stage needs a layer",
         )
-        zero_bubble = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
         check(
-            not (self.trainer.compile and p.pp_schedule in zero_bubble),
+            not (self.trainer.compile and p.pp_schedule in ZERO_BUBBLE_SCHEDULES),
             f"trainer.compile=true cannot run with parallel.pp_schedule={p.pp_schedule}: the zero-bubble "
             "schedules (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) split each block's backward, "
             "which a compiled block cannot; use trainer.compile=false, or GPipe, 1F1B, Interleaved1F1B "

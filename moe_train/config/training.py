@@ -215,6 +215,7 @@ class TrainerConfig:
 # torch.distributed.pipelining's schedules, by the names get_schedule_class knows them
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
 V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+ZERO_BUBBLE_SCHEDULES = ("InterleavedZeroBubble", *V_SCHEDULES)  # split backward: no torch.compile
 PIPELINE_SCHEDULES = (
     *SINGLE_STAGE_SCHEDULES,
     "Interleaved1F1B",

@@ -13,11 +13,12 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
 from moe_train.config import Config
+from moe_train.config.training import ZERO_BUBBLE_SCHEDULES
 from moe_train.model import DocumentPacking, Transformer
 from moe_train.model.moe import is_expert_param
 from moe_train.parallel.expert_parallel import apply_expert_parallel
 from moe_train.parallel.fsdp import apply_fsdp, local_tensor
-from moe_train.parallel.pipeline import ZERO_BUBBLE_SCHEDULES, Stage, build_stages
+from moe_train.parallel.pipeline import Stage, build_stages
 from moe_train.parallel.topology import Topology
 
 

@@ -27,8 +27,6 @@ from moe_train.model import DocumentPacking, Documents, Transformer, lm_loss, mo
 from moe_train.parallel.fsdp import local_tensor
 from moe_train.parallel.topology import Topology, named_collective, stage_ids
 
-ZERO_BUBBLE_SCHEDULES = ("InterleavedZeroBubble", *V_SCHEDULES)  # split backward: no torch.compile
-
 
 def split_layers(num_layers: int, stages: int, pp_layers: list[int] | None = None) -> list[range]:
     """The consecutive layer ids of each stage: `pp_layers` if given, else as even as possible with
@@ -272,9 +270,10 @@ class Pipeline:
         return torch.cat([self._lm_sum().view(1), other]), counts, dropped
 
     def _lm_sum(self) -> torch.Tensor:
-        lm = torch.stack(self.lm_losses).sum().float() if self.lm_losses else None
+        """The LM losses of the micro-batches since the last call, summed (0 off the last stage)."""
+        lm = torch.stack(self.lm_losses).sum().float() if self.lm_losses else torch.zeros(())
         self.lm_losses.clear()
-        return lm if lm is not None else torch.zeros((), device=self.topology.device)
+        return lm.to(self.topology.device)
 
     @torch.no_grad()
     def eval_losses(self, inputs, targets, autocast) -> torch.Tensor:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 
 from moe_train.config import MoEConfig
-from moe_train.model import Transformer
+from moe_train.model import Transformer, moe_block_ids
 from moe_train.model.moe import moe_layers
-from moe_train.model.transformer import moe_block_ids
 from moe_train.parallel.topology import Topology
 
 
@@ -17,11 +16,11 @@ class ExpertLoad:
     """Shape legend: L MoE layers (MTP depths' last), E experts."""
 
     def __init__(self, model: Transformer, config: MoEConfig, topology: Topology):
-        self.routers = [
-            layer.router for layer in moe_layers(model)
-        ]  # this rank's, in the order of the counts
+        self.routers = [layer.router for layer in moe_layers(model)]  # this rank's, in counts' order
         self.layer_ids = moe_block_ids(model.config)  # the whole model's (L): a pipeline stage holds some
-        self.rows = [self.layer_ids.index(i) for i in model.moe_layer_ids]  # this rank's among them
+        # this rank's among them, where its counts go (every row on one process)
+        rows = [self.layer_ids.index(i) for i in model.moe_layer_ids]
+        self.rows = torch.tensor(rows, dtype=torch.long, device=topology.device)
         self.config = config
         self.topology = topology
         self.reset()
@@ -39,12 +38,8 @@ class ExpertLoad:
             return
         counts, drops = tokens_per_expert.float(), dropped.float().to(self.topology.device)
         if len(self.rows) < len(self.layer_ids):  # a pipeline stage: the other stages' rows are 0
-            counts = counts.new_zeros(len(self.layer_ids), counts.shape[1]).index_copy_(
-                0, torch.tensor(self.rows, device=counts.device), counts
-            )
-            drops = drops.new_zeros(len(self.layer_ids)).index_copy_(
-                0, torch.tensor(self.rows, device=drops.device), drops
-            )
+            counts = counts.new_zeros(len(self.layer_ids), counts.shape[1]).index_copy_(0, self.rows, counts)
+            drops = drops.new_zeros(len(self.layer_ids)).index_copy_(0, self.rows, drops)
         self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
         self.dropped = drops if self.dropped is None else self.dropped + drops
 
